@@ -1,0 +1,27 @@
+# The two commands of the README. Each creates/updates its own virtual environment.
+PYTHON ?= python3.12
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): setup.py
+	@command -v $(PYTHON) >/dev/null 2>&1 && $(PYTHON) --version >/dev/null 2>&1 || { \
+	  echo "error: $(PYTHON) not found (Python 3.12 is required; with pyenv, .python-version selects it)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev,hf]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m rnope_megatron.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/attention.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,73 @@
+"""Portable core attention: Megatron's core-attention slot, plain torch, any device.
+
+Decides sliding vs global exactly as Megatron's TE wrapper does
+(``is_layer_window_attention(config.window_size, config.window_attn_skip_freq,
+layer_number)``), so both backends give the same layers a window."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import is_layer_window_attention
+
+from rnope_megatron.attention.sliding_window import causal_attention, sliding_window_attention
+from rnope_megatron.pattern import hf_window_from_te
+
+
+class PortableDotProductAttention(MegatronModule):
+    """softmax(QK^T·scale) V over causal or sliding-window spans, [s, b, h, d] in and
+    [s, b, h·d] out, like Megatron's DotProductAttention. Sliding layers cost O(L·W)."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout=None,
+        softmax_scale=None,
+        cp_comm_type=None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise NotImplementedError(
+                "context parallelism needs the 'te' attention backend (TE's a2a/all_gather "
+                "CP supports sliding windows); the portable backend runs CP=1"
+            )
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError("the portable attention backend supports attention_dropout=0 only")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(f"portable attention is causal only, got {attn_mask_type}")
+        self.layer_number = layer_number
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.window = (
+            hf_window_from_te(config.window_size)
+            if is_layer_window_attention(
+                config.window_size, config.window_attn_skip_freq, layer_number
+            )
+            else None
+        )
+
+    def forward(
+        self, query, key, value, attention_mask=None, attn_mask_type=None,
+        attention_bias=None, packed_seq_params=None, **_unused,
+    ):
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError("portable attention: no attention_bias / packed sequences")
+        # The causal structure is implied; a padding mask would need the te backend.
+        seq, batch, heads, dim = query.shape
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, s, d]
+        if self.window is None:
+            out = causal_attention(q, k, v, self.softmax_scale)
+        else:
+            out = sliding_window_attention(q, k, v, self.window, self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * dim)
+
+    def extra_repr(self) -> str:
+        span = f"sliding window {self.window}" if self.window else "global causal"
+        return f"layer {self.layer_number}: {span}"

@@ -1,0 +1,44 @@
+"""Megatron SelfAttention that rotates q/k with its own per-layer RoPE (or not at all)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.transformer.attention import SelfAttention
+
+from rnope_megatron.attention.rotary import LayerRotaryEmbedding
+
+
+class RNoPESelfAttention(SelfAttention):
+    """Megatron ``SelfAttention`` for one layer of the pattern.
+
+    RoPE layers (``rope_theta`` set) build their frequencies here and hand them to
+    Megatron's own rotary path (``apply_rotary_pos_emb``: rotate-half or interleaved per
+    ``config.rotary_interleaved``, TE-fused when ``apply_rope_fusion``). NoPE layers pass
+    none, so no position signal reaches them; the model has no global rotary at all.
+    """
+
+    def __init__(self, config, submodules, layer_number, rope_theta: Optional[float] = None, **kwargs):
+        super().__init__(config, submodules, layer_number, **kwargs)
+        self.rotary = (
+            LayerRotaryEmbedding(config.kv_channels, rope_theta, config.rotary_interleaved)
+            if rope_theta is not None
+            else None
+        )
+
+    def forward(self, hidden_states, attention_mask, key_value_states=None,
+                inference_context=None, rotary_pos_emb=None, *args, **kwargs):
+        if self.rotary is None:
+            rotary_pos_emb = None
+        else:
+            # hidden_states is this rank's [s, b, h]: s / TP under sequence parallelism;
+            # the rotary length is the whole sequence, which the CP slice then cuts.
+            seq = hidden_states.shape[0]
+            if self.config.sequence_parallel:
+                seq *= self.config.tensor_model_parallel_size
+            seq *= self.config.context_parallel_size
+            rotary_pos_emb = self.rotary(seq, hidden_states.device, self.pg_collection.cp)
+        return super().forward(
+            hidden_states, attention_mask, key_value_states, inference_context, rotary_pos_emb,
+            *args, **kwargs,
+        )

@@ -1,0 +1,256 @@
+"""Causal attention kernels for the portable backend: sliding window in O(L·W), global causal.
+
+Window semantics follow Hugging Face: with ``window=W`` query ``i`` sees key ``j`` iff
+``i - W < j <= i`` (W keys, the current one included).
+
+CPU: queries are cut into tiles of ``Bq < W`` tokens. A tile starting at ``a`` sees keys
+``[a-W+1, a+Bq)``, which splits into two calls of torch's fused CPU flash kernel:
+
+* the tile against itself, a plain causal block (``is_causal=True``, no mask);
+* the tile against the ``W-1`` keys before it, read through an overlapping strided view
+  (no copy). Query row ``r`` sees column ``c`` iff ``c >= r``: one small ``[Bq, W-1]`` mask
+  shared by every tile, which the kernel broadcasts (strides 0), so no O(L·W) mask exists.
+
+The two partial softmaxes are merged by log-sum-exp, as ring/flash attention does.
+Backward calls the kernel's own backward on each part with the *merged* output and
+log-sum-exp, which yields the gradients of the combined softmax; key/value gradients of the
+overlapping windows are folded back with a few strided adds. The first ``P`` positions
+(fewer than ``W + Bq``), whose window would reach before the sequence start, are one
+small masked call. Cost ≈ L·(W + Bq/2) key visits, memory O(L·W/Bq) = O(L).
+
+CUDA: FlexAttention with a block mask (forward and backward), when torch has it.
+Anything else falls back to SDPA with a dense mask (O(L²) memory) and says so once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+_cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def sliding_window_mask(seq_len: int, window: int, device=None) -> torch.Tensor:
+    """Boolean [L, L] mask, True where query i may attend key j (HF window semantics)."""
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, float("-inf"))
+
+
+def query_tile(window: int) -> int:
+    """Query tile for the CPU kernel (must be < window). Larger tiles feed the flash kernel
+    bigger GEMM blocks; each tile costs Bq/2 wasted key visits per row. 192 and W/4 were the
+    fastest measured settings (benchmarks/attention.py)."""
+    return max(1, min(window // 2, max(192, window // 4)))
+
+
+class _BlockedSlidingWindowCPU(torch.autograd.Function):
+    """Exact sliding-window attention on the CPU flash kernel (see module docstring).
+
+    Takes q, k, v as [B, H, L, D] with equal head counts and ``L = P + N·Bq``."""
+
+    @staticmethod
+    def _layout(q, window, tile):
+        batch, heads, seq, dim = q.shape
+        prefix = -(-(window - 1) // tile) * tile
+        return batch * heads, seq, dim, prefix, (seq - prefix) // tile
+
+    @staticmethod
+    def _windows(x, window, tile, prefix, n_tiles):
+        """Overlapping view [BH, N, W-1, D]: the W-1 keys before each body tile."""
+        bh, seq, dim = x.shape
+        return x.as_strided(
+            (bh, n_tiles, window - 1, dim), (seq * dim, tile * dim, dim, 1),
+            x.storage_offset() + (prefix - window + 1) * dim,
+        )
+
+    @staticmethod
+    def forward(ctx, q, k, v, window: int, tile: int, scale: float):
+        bh, seq, dim, prefix, n = _BlockedSlidingWindowCPU._layout(q, window, tile)
+        shape = q.shape
+        q, k, v = (x.contiguous().view(bh, seq, dim) for x in (q, k, v))
+        prefix_mask = _additive(sliding_window_mask(prefix, window), q.dtype)
+        rest_mask = _additive(
+            torch.arange(window - 1)[None, :] >= torch.arange(tile)[:, None], q.dtype
+        )
+        out = torch.empty_like(q)
+        o_p, l_p = _cpu_flash(
+            q[:, None, :prefix], k[:, None, :prefix], v[:, None, :prefix], 0.0, False,
+            attn_mask=prefix_mask, scale=scale,
+        )
+        lse = torch.empty(bh, seq, dtype=l_p.dtype)
+        out[:, :prefix], lse[:, :prefix] = o_p[:, 0], l_p[:, 0]
+        if n:
+            body = lambda x: x[:, prefix:].view(bh, n, tile, dim)  # noqa: E731
+            windows = functools.partial(
+                _BlockedSlidingWindowCPU._windows, window=window, tile=tile, prefix=prefix,
+                n_tiles=n,
+            )
+            o_d, l_d = _cpu_flash(body(q), body(k), body(v), 0.0, True, scale=scale)
+            o_r, l_r = _cpu_flash(
+                body(q), windows(k), windows(v), 0.0, False, attn_mask=rest_mask, scale=scale
+            )
+            merged = torch.logaddexp(l_d, l_r)
+            o_b = o_d.float() * torch.exp(l_d - merged).unsqueeze(-1)
+            o_b += o_r.float() * torch.exp(l_r - merged).unsqueeze(-1)
+            body(out).copy_(o_b)
+            lse[:, prefix:] = merged.reshape(bh, n * tile)
+        ctx.save_for_backward(q, k, v, out, lse, prefix_mask, rest_mask)
+        ctx.window, ctx.tile, ctx.scale = window, tile, scale
+        return out.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, prefix_mask, rest_mask = ctx.saved_tensors
+        window, tile, scale = ctx.window, ctx.tile, ctx.scale
+        bh, seq, dim = q.shape
+        prefix = -(-(window - 1) // tile) * tile
+        n = (seq - prefix) // tile
+        shape = grad_out.shape
+        go = grad_out.contiguous().view(bh, seq, dim)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        head = lambda x: x[:, None, :prefix]  # noqa: E731
+        grads = _cpu_flash_backward(
+            head(go), head(q), head(k), head(v), head(out), lse[:, None, :prefix], 0.0, False,
+            attn_mask=prefix_mask, scale=scale,
+        )
+        for dst, g in zip((dq, dk, dv), grads):
+            dst[:, :prefix] = g[:, 0]
+        if n:
+            body = lambda x: x[:, prefix:].view(bh, n, tile, dim)  # noqa: E731
+            lse_b = lse[:, prefix:].view(bh, n, tile)
+            grads = _cpu_flash_backward(
+                body(go), body(q), body(k), body(v), body(out), lse_b, 0.0, True, scale=scale
+            )
+            for dst, g in zip((dq, dk, dv), grads):
+                body(dst).copy_(g)
+            windows = functools.partial(
+                _BlockedSlidingWindowCPU._windows, window=window, tile=tile, prefix=prefix,
+                n_tiles=n,
+            )
+            g_q, g_k, g_v = _cpu_flash_backward(
+                body(go), body(q), windows(k), windows(v), body(out), lse_b, 0.0, False,
+                attn_mask=rest_mask, scale=scale,
+            )
+            body(dq).add_(g_q)
+            # Fold the overlapping windows back: chunk s of every window covers a disjoint
+            # strided range, so each chunk is one in-place add.
+            for start in range(0, window - 1, tile):
+                width = min(tile, window - 1 - start)
+                offset = (prefix - window + 1 + start) * dim
+                for dst, g in ((dk, g_k), (dv, g_v)):
+                    dst.as_strided((bh, n, width, dim), (seq * dim, tile * dim, dim, 1), offset).add_(
+                        g[:, :, start : start + width]
+                    )
+        return dq.view(shape), dk.view(shape), dv.view(shape), None, None, None
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention_available(device: torch.device) -> bool:
+    """FlexAttention trains (forward + backward) on CUDA only; on CPU it is forward-only."""
+    if device.type != "cuda":
+        return False
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=64)
+def _flex_block_mask(seq_len: int, window: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(
+        sliding_window_mask_mod(window), B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len,
+        device=device,
+    )
+
+
+def sliding_window_mask_mod(window: int):
+    """FlexAttention mask_mod for the HF window (shared by the CUDA path and its tests)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (kv_idx > q_idx - window)
+
+    return mask_mod
+
+
+@functools.cache
+def _warn_dense_fallback(device_type: str) -> None:
+    warnings.warn(
+        f"sliding-window attention on {device_type} has no blocked kernel here; using SDPA "
+        "with a dense mask (O(L^2) memory). Install a torch with FlexAttention for O(L·W).",
+        stacklevel=3,
+    )
+
+
+def sliding_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float | None = None
+) -> torch.Tensor:
+    """Causal attention restricted to the last ``window`` keys (HF semantics).
+
+    Args:
+        q: [B, Hq, L, D]. k, v: [B, Hkv, L, D] with Hq a multiple of Hkv (GQA).
+        window: W >= 1 keys visible per query, the current one included.
+        scale: softmax scale, default 1/sqrt(D).
+    Returns: [B, Hq, L, D].
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    seq, d = q.shape[2], q.shape[3]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if seq <= window:  # the window covers everything: plain causal attention
+        return causal_attention(q, k, v, scale)
+    groups = q.shape[1] // k.shape[1]
+    if q.device.type == "cpu":
+        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        if window == 1:  # every query sees only itself
+            return v.clone()
+        tile = query_tile(window)
+        prefix = -(-(window - 1) // tile) * tile
+        pad = prefix - seq if seq <= prefix else (-(seq - prefix)) % tile
+        if pad:  # padded keys sit after every real query, so the band mask hides them
+            q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        out = _BlockedSlidingWindowCPU.apply(q, k, v, window, tile, scale)
+        return out[:, :, :seq] if pad else out
+    if flex_attention_available(q.device):
+        mask = _flex_block_mask(seq, window, str(q.device))
+        return _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=groups > 1)
+    _warn_dense_fallback(q.device.type)
+    k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    mask = sliding_window_mask(seq, window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Full causal attention (global layers). Shapes as :func:`sliding_window_attention`."""
+    groups = q.shape[1] // k.shape[1]
+    if q.device.type == "cpu":
+        # SDPA's enable_gqa path leaves the CPU flash kernel; repeating K/V keeps it.
+        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=scale, enable_gqa=groups > 1
+    )

@@ -1,0 +1,1 @@
+"""Narrow compatibility shims. See :mod:`rnope_megatron.compat.cpu`."""

@@ -1,0 +1,67 @@
+"""Model construction, in one place.
+
+Megatron 0.19 deprecates ``GPTModel`` in favour of ``HybridModel``, whose layer symbols
+cannot yet say "sliding" vs "global" and which counts attention and MLP as separate
+layers. Everything that builds a model goes through :func:`build_model`, so moving to
+HybridModel later is a change to this module only."""
+
+from __future__ import annotations
+
+import logging
+
+from rnope_megatron.config import RNoPEConfig
+from rnope_megatron.specs import block_spec
+
+
+def _scale_logits_hook(scale: float):
+    # logits = W·(s·h) = s·(W·h): scaling the final norm's output scales the logits and
+    # keeps GPTModel, its output layer and its state dict untouched.
+    def hook(_module, _inputs, output):
+        return output * scale
+
+    return hook
+
+
+def build_model(
+    model: RNoPEConfig,
+    config,
+    backend: str = "portable",
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    pg_collection=None,
+):
+    """Build this rank's Megatron model chunk for ``model`` (see RNoPEConfig).
+
+    Args:
+        config: TransformerConfig from ``model.to_transformer_config(...)``.
+        backend: ``portable`` or ``te`` (see :mod:`rnope_megatron.specs`).
+        pre_process / post_process: whether this chunk holds the embedding / the output
+            layer (first / last pipeline stage).
+        vp_stage: virtual pipeline stage of this chunk (interleaved schedule).
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    # GPTModel logs a deprecation warning per construction; one notice in our docs suffices.
+    gpt_logger = logging.getLogger("megatron.core.models.gpt.gpt_model")
+    previous = gpt_logger.level
+    gpt_logger.setLevel(logging.ERROR)
+    try:
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=block_spec(model, config, backend, vp_stage=vp_stage),
+            vocab_size=model.vocab_size,
+            max_sequence_length=model.max_seq_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=model.tie_embeddings,
+            # No model-global rotary: RoPE layers own theirs (rnope_megatron.attention).
+            position_embedding_type="none",
+            vp_stage=vp_stage,
+            pg_collection=pg_collection,
+        )
+    finally:
+        gpt_logger.setLevel(previous)
+    if post_process and model.logit_scale != 1.0:
+        gpt.decoder.final_layernorm.register_forward_hook(_scale_logits_hook(model.logit_scale))
+    return gpt

@@ -1,0 +1,143 @@
+"""Megatron ``ModuleSpec`` trees for RNoPE-SWA layers, for both attention backends.
+
+``te``: Megatron's Transformer Engine wrappers. Core attention is
+``TEDotProductAttention``, which passes ``config.window_size`` to TE on exactly the layers
+where ``is_layer_window_attention(config.window_attn_skip_freq, layer_number)`` holds;
+the sequential block fuses the input norm into ``linear_qkv`` and the pre-MLP norm into
+``linear_fc1`` as Megatron's own GPT spec does. The parallel block keeps one separate
+``TENorm`` feeding two plain column-parallel linears (one shared norm, not two copies).
+
+``portable``: Megatron's local tensor-parallel linears, our device-agnostic norm and core
+attention (blocked O(L·W) sliding window on CPU, FlexAttention on CUDA).
+
+Both: ``RNoPESelfAttention`` applies RoPE only on layers whose kind has it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from rnope_megatron.attention.core import PortableDotProductAttention
+from rnope_megatron.attention.self_attention import RNoPESelfAttention
+from rnope_megatron.config import RNoPEConfig
+from rnope_megatron.layers import ParallelAttentionMLPLayer
+from rnope_megatron.norms import PortableNorm
+from rnope_megatron.pattern import LayerKind
+
+BACKENDS = ("portable", "te")
+
+
+@functools.cache
+def _modules(backend: str) -> dict:
+    """The module classes filling each slot, per backend (TE imported only when asked)."""
+    if backend == "portable":
+        return dict(
+            norm=PortableNorm, column=ColumnParallelLinear, norm_column=None,
+            row=RowParallelLinear, core_attention=PortableDotProductAttention,
+        )
+    if backend == "te":
+        # Without TE installed Megatron defines these as placeholders: specs can be built
+        # and inspected on CPU, not run.
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TEDotProductAttention,
+            TELayerNormColumnParallelLinear,
+            TENorm,
+            TERowParallelLinear,
+        )
+
+        return dict(
+            norm=TENorm, column=TEColumnParallelLinear, norm_column=TELayerNormColumnParallelLinear,
+            row=TERowParallelLinear, core_attention=TEDotProductAttention,
+        )
+    raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def layer_spec(model: RNoPEConfig, kind: LayerKind, backend: str = "portable") -> ModuleSpec:
+    """Spec of one transformer layer of the given kind."""
+    m = _modules(backend)
+    parallel_block = model.block == "parallel"
+    # TE fuses a norm into the following linear; only the sequential block may use it, as
+    # the parallel block's single norm feeds two linears.
+    fuse_norm = m["norm_column"] is not None and not parallel_block
+    qk_norm = m["norm"] if model.qk_norm_for(kind) else IdentityOp
+    attention = ModuleSpec(
+        module=RNoPESelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal, "rope_theta": model.rope_theta_for(kind)},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=m["norm_column"] if fuse_norm else m["column"],
+            core_attention=m["core_attention"],
+            linear_proj=m["row"],
+            q_layernorm=qk_norm,
+            k_layernorm=qk_norm,
+        ),
+    )
+    mlp = functools.partial(
+        MLP.as_mlp_submodule,
+        submodules=MLPSubmodules(
+            linear_fc1=m["norm_column"] if fuse_norm else m["column"], linear_fc2=m["row"]
+        ),
+    )
+    return ModuleSpec(
+        module=ParallelAttentionMLPLayer if parallel_block else TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=IdentityOp if fuse_norm else m["norm"],
+            self_attention=attention,
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp if (fuse_norm or parallel_block) else m["norm"],
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=_unfused_norm_keys(fuse_norm, parallel_block),
+        ),
+    )
+
+
+def _unfused_norm_keys(fuse_norm: bool, parallel_block: bool) -> dict:
+    """Checkpoint keys of the sequential block's separate norms, renamed to TE's fused-norm
+    keys (as Megatron's local GPT spec does), so a checkpoint moves between the portable
+    and te backends. The parallel block has a separate input norm on both backends."""
+    if fuse_norm or parallel_block:
+        return {}
+    return {
+        "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+        "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+    }
+
+
+def stage_layer_numbers(config, vp_stage: int | None = None, pp_rank: int | None = None) -> list[int]:
+    """Global 1-based layer numbers built by this pipeline rank / virtual stage, computed
+    with Megatron's own offset and layer-count functions (what TransformerLayer uses)."""
+    offset = get_transformer_layer_offset(config, vp_stage, pp_rank)
+    count = get_num_layers_to_build(config, vp_stage, pp_rank)
+    return list(range(offset + 1, offset + count + 1))
+
+
+def block_spec(
+    model: RNoPEConfig, config, backend: str = "portable", vp_stage: int | None = None,
+    pp_rank: int | None = None,
+) -> TransformerBlockSubmodules:
+    """This pipeline stage's layer specs (and the final norm, which Megatron builds only on
+    the last stage). ``config`` is the TransformerConfig from ``model``."""
+    pattern = model.layer_pattern
+    specs = [
+        layer_spec(model, pattern.kind(number), backend)
+        for number in stage_layer_numbers(config, vp_stage, pp_rank)
+    ]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=_modules(backend)["norm"])

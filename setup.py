@@ -1,0 +1,30 @@
+"""rnope-megatron: RNoPE-SWA hybrid attention (3 sliding-window RoPE layers, 1 global NoPE
+layer) as a Megatron-Core plugin."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="rnope-megatron",
+    version="0.1.0",
+    description="RNoPE-SWA hybrid attention for Megatron-Core (TE and portable backends)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["rnope_megatron", "rnope_megatron.*"]),
+    python_requires=">=3.12",
+    install_requires=[
+        "megatron-core>=0.19,<0.20",
+        "torch>=2.6",
+        "pyyaml>=6",
+        "numpy",
+    ],
+    extras_require={
+        # GPU clusters: Megatron's TE wrappers (fused attention, sliding windows, FP8).
+        "te": ["transformer-engine[pytorch]>=2.0"],
+        # Hugging Face conversion and parity tests.
+        "hf": ["transformers>=5.0", "safetensors"],
+        "modelopt": ["nvidia-modelopt"],
+        "dev": ["pytest>=8", "psutil", "matplotlib"],
+    },
+    entry_points={"console_scripts": []},
+    classifiers=["Programming Language :: Python :: 3.12"],
+)

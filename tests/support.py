@@ -1,0 +1,66 @@
+"""Shared test helpers: process groups, a tiny config, multi-process runs under gloo."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rnope_megatron.config import ParallelLayout, RNoPEConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_megatron(rank: int, world_size: int, port: int, layout: ParallelLayout, seed: int = 1234):
+    """gloo process group + Megatron parallel state + CPU compat + RNG, for one rank."""
+    from megatron.core import parallel_state
+
+    from rnope_megatron.compat import cpu as cpu_compat
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor,
+        pipeline_model_parallel_size=layout.pipeline,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        context_parallel_size=layout.context,
+    )
+    cpu_compat.enable()
+    cpu_compat.seed_model_parallel_rng(seed)
+
+
+def tiny_config(**overrides) -> RNoPEConfig:
+    values = dict(
+        num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+        ffn_hidden_size=96, vocab_size=96, max_seq_length=64, window=8, pattern="SSSG",
+    )
+    values.update(overrides)
+    return RNoPEConfig(**values)
+
+
+def _entry(rank, world_size, port, out_dir, worker, args):
+    torch.set_num_threads(1)
+    result = worker(rank, world_size, port, *args)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_distributed(worker, world_size: int, *args) -> list:
+    """Run ``worker(rank, world_size, port, *args)`` in ``world_size`` fresh processes
+    (spawned, gloo) and return each rank's return value."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_entry, args=(world_size, port, out_dir, worker, args), nprocs=world_size, join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
