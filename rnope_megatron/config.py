@@ -58,7 +58,7 @@ class RNoPEConfig:
     pattern: str = "SSSG"
     """Layer pattern, see :mod:`rnope_megatron.pattern` (S = window+RoPE, G = global NoPE,
     R = global RoPE). A block repeated to num_layers, or one letter per layer."""
-    window: int = 4096
+    window: int = 64
     """Sliding window in Hugging Face semantics: W keys including the current token."""
     rope_theta: float = 10000.0
     """RoPE base of the sliding (S) layers. The paper found 10k best inside the hybrid."""
@@ -114,8 +114,8 @@ class RNoPEConfig:
             raise ValueError(f"model.block must be 'sequential' or 'parallel', got {self.block!r}")
         if self.rope_theta <= 0 or (self.global_rope_theta is not None and self.global_rope_theta <= 0):
             raise ValueError("model.rope_theta and model.global_rope_theta must be > 0")
-        try:
-            self.layer_pattern  # validates pattern, window and warns on window >= max_seq_length
+        try:  # validates pattern and window; warns once on window >= max_seq_length
+            LayerPattern.build(self.pattern, self.num_layers, self.window, self.max_seq_length)
         except ValueError as err:
             raise ValueError(f"model.pattern/window: {err}") from None
 
@@ -134,7 +134,7 @@ class RNoPEConfig:
 
     @property
     def layer_pattern(self) -> LayerPattern:
-        return LayerPattern.build(self.pattern, self.num_layers, self.window, self.max_seq_length)
+        return LayerPattern.build(self.pattern, self.num_layers, self.window)
 
     def rope_theta_for(self, kind: LayerKind) -> Optional[float]:
         """RoPE base for a layer kind, or None for NoPE layers."""

@@ -7,6 +7,8 @@ that places tensors on the CPU and turns stream/event/synchronize calls into no-
 global ``torch`` is untouched, nothing else in the process changes, and :func:`enable`
 refuses to do anything when CUDA is available: on GPU Megatron runs unmodified.
 
+``Tensor.cuda()`` called from megatron.core code returns the tensor unchanged.
+
 The RNG tracker (``tensor_parallel.random``) gets a CPU-generator tracker via
 :func:`seed_model_parallel_rng`, the CPU counterpart of
 ``model_parallel_cuda_manual_seed``.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import sys
 import types
 
 import torch
@@ -31,6 +34,11 @@ SCOPED_MODULES = (
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.utils",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.transformer.module",
     "megatron.core.utils",
     "megatron.core.transformer.dot_product_attention",
     "megatron.core.transformer.utils",
@@ -46,6 +54,7 @@ _FACTORIES = (
 )
 
 _original_torch: dict[str, object] = {}
+_original_tensor_cuda = torch.Tensor.cuda
 
 
 def _is_cuda(device) -> bool:
@@ -143,6 +152,16 @@ class _CpuTorch(types.ModuleType):
         return getattr(torch, name)
 
 
+def _tensor_cuda_from_megatron_stays_on_cpu(self, *args, **kwargs):
+    """``Tensor.cuda`` is a method, so it cannot be scoped through a module's ``torch``:
+    calls made from megatron.core code return the tensor unchanged, any other caller
+    gets the real method (which raises on this CUDA-less machine, as it should)."""
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    if caller.startswith("megatron.core"):
+        return self
+    return _original_tensor_cuda(self, *args, **kwargs)
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -159,6 +178,7 @@ def enable() -> bool:
     if _original_torch:
         return True
     proxy = _CpuTorch()
+    torch.Tensor.cuda = _tensor_cuda_from_megatron_stays_on_cpu
     for name in SCOPED_MODULES:
         module = importlib.import_module(name)
         _original_torch[name] = module.torch
@@ -171,6 +191,7 @@ def disable() -> None:
     for name, original in _original_torch.items():
         importlib.import_module(name).torch = original
     _original_torch.clear()
+    torch.Tensor.cuda = _original_tensor_cuda
 
 
 def _cpu_tracker_class():
