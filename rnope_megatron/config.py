@@ -119,6 +119,25 @@ class RNoPEConfig:
         except ValueError as err:
             raise ValueError(f"model.pattern/window: {err}") from None
 
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "model") -> "RNoPEConfig":
+        """Build from a mapping (e.g. a YAML ``model:`` section); an unknown key is an
+        error naming its path (``model.hiden_size``)."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown key {where}.{unknown[0]} (known: {', '.join(sorted(known))})")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path) -> "RNoPEConfig":
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(yaml.safe_load(f) or {})
+
     # ---- derived values ----
     @property
     def query_groups(self) -> int:

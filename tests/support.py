@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rnope_megatron.config import ParallelLayout, RNoPEConfig
+from rnope_megatron.distributed import initialize_parallel
 
 
 def free_port() -> int:
@@ -21,22 +22,8 @@ def free_port() -> int:
 
 def init_megatron(rank: int, world_size: int, port: int, layout: ParallelLayout, seed: int = 1234):
     """gloo process group + Megatron parallel state + CPU compat + RNG, for one rank."""
-    from megatron.core import parallel_state
-
-    from rnope_megatron.compat import cpu as cpu_compat
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tensor,
-        pipeline_model_parallel_size=layout.pipeline,
-        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
-        context_parallel_size=layout.context,
-    )
-    cpu_compat.enable()
-    cpu_compat.seed_model_parallel_rng(seed)
+    initialize_parallel(layout, seed, rank=rank, world_size=world_size)
 
 
 def tiny_config(**overrides) -> RNoPEConfig:

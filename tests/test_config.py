@@ -56,3 +56,22 @@ def test_rope_theta_per_kind():
 def test_bad_dtype():
     with pytest.raises(ValueError, match="params_dtype"):
         RNoPEConfig().to_transformer_config(params_dtype="fp8")
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ValueError, match=r"unknown key model\.hiden_size"):
+        RNoPEConfig.from_dict({"hiden_size": 64})
+
+
+def test_shipped_model_recipes_build():
+    import pathlib
+
+    paths = sorted((pathlib.Path(__file__).parent.parent / "recipes" / "models").glob("*.yaml"))
+    assert paths, "recipes/models/*.yaml missing"
+    for path in paths:
+        cfg = RNoPEConfig.from_yaml(path)
+        tc = cfg.to_transformer_config()
+        assert tc.num_layers == cfg.num_layers, path.name
+    paper = RNoPEConfig.from_yaml(paths[0].parent / "paper-8b.yaml")
+    assert paper.layer_pattern.te_window_size() == (4095, 0)
+    assert [n for n in range(1, 33) if not paper.layer_pattern.kind(n).rope] == list(range(4, 33, 4))

@@ -59,7 +59,13 @@ class PortableDotProductAttention(MegatronModule):
     ):
         if attention_bias is not None or packed_seq_params is not None:
             raise NotImplementedError("portable attention: no attention_bias / packed sequences")
-        # The causal structure is implied; a padding mask would need the te backend.
+        if attention_mask is not None:
+            # Causality (and the window) are built in; silently dropping a padding mask
+            # would give wrong results, so refuse it.
+            raise ValueError(
+                "portable attention is causal by construction: pass attention_mask=None "
+                "(padding masks are not supported)"
+            )
         seq, batch, heads, dim = query.shape
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, s, d]
         if self.window is None:

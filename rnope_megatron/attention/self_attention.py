@@ -16,6 +16,7 @@ class RNoPESelfAttention(SelfAttention):
     Megatron's own rotary path (``apply_rotary_pos_emb``: rotate-half or interleaved per
     ``config.rotary_interleaved``, TE-fused when ``apply_rope_fusion``). NoPE layers pass
     none, so no position signal reaches them; the model has no global rotary at all.
+    Positions are 0..L-1 of each sequence (no packed-sequence position resets yet).
     """
 
     def __init__(self, config, submodules, layer_number, rope_theta: Optional[float] = None, **kwargs):
@@ -28,6 +29,12 @@ class RNoPESelfAttention(SelfAttention):
 
     def forward(self, hidden_states, attention_mask, key_value_states=None,
                 inference_context=None, rotary_pos_emb=None, *args, **kwargs):
+        if inference_context is not None:
+            # Decoding would need per-step position offsets for the rotary frequencies.
+            raise NotImplementedError(
+                "KV-cache inference is not supported by rnope_megatron yet; export the model "
+                "to Hugging Face for generation"
+            )
         if self.rotary is None:
             rotary_pos_emb = None
         else:

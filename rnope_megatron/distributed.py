@@ -1,0 +1,53 @@
+"""Process groups for one rank: torch.distributed + Megatron's parallel state.
+
+Works under torchrun (reads RANK/WORLD_SIZE/MASTER_*), and as a plain single process
+(creates a one-rank group on a free local port). NCCL on GPU, gloo on CPU, where the CPU
+compat layer is switched on (it refuses to activate when CUDA is present)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from rnope_megatron.compat import cpu as cpu_compat
+from rnope_megatron.config import ParallelLayout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize_parallel(layout: ParallelLayout, seed: int = 1234, rank: int | None = None,
+                        world_size: int | None = None) -> None:
+    """Create (or reuse) the default process group and Megatron's model-parallel groups,
+    then seed torch and Megatron's RNG tracker. ``rank``/``world_size`` default to the
+    torchrun environment, or to a single process."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            if world_size > 1:
+                raise RuntimeError("MASTER_PORT is not set: launch multi-process runs with torchrun")
+            os.environ["MASTER_PORT"] = str(_free_port())
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank,
+                                world_size=world_size)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor,
+        pipeline_model_parallel_size=layout.pipeline,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        context_parallel_size=layout.context,
+    )
+    cpu_compat.enable()
+    cpu_compat.seed_model_parallel_rng(seed)
