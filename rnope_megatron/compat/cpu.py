@@ -7,7 +7,8 @@ that places tensors on the CPU and turns stream/event/synchronize calls into no-
 global ``torch`` is untouched, nothing else in the process changes, and :func:`enable`
 refuses to do anything when CUDA is available: on GPU Megatron runs unmodified.
 
-``Tensor.cuda()`` called from megatron.core code returns the tensor unchanged.
+``Tensor.cuda()`` called from megatron.core code returns the tensor unchanged, and
+``Tensor.type()`` reports CUDA type names to it (its optimizers assert on them).
 
 The RNG tracker (``tensor_parallel.random``) gets a CPU-generator tracker via
 :func:`seed_model_parallel_rng`, the CPU counterpart of
@@ -33,6 +34,7 @@ SCOPED_MODULES = (
     "megatron.core.distributed.finalize_model_grads",
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.tensor_parallel.mappings",
     "megatron.core.tensor_parallel.layers",
@@ -55,6 +57,7 @@ _FACTORIES = (
 
 _original_torch: dict[str, object] = {}
 _original_tensor_cuda = torch.Tensor.cuda
+_original_tensor_type = torch.Tensor.type
 
 
 def _is_cuda(device) -> bool:
@@ -152,14 +155,26 @@ class _CpuTorch(types.ModuleType):
         return getattr(torch, name)
 
 
+def _called_from_megatron(depth: int = 2) -> bool:
+    return sys._getframe(depth).f_globals.get("__name__", "").startswith("megatron.core")
+
+
 def _tensor_cuda_from_megatron_stays_on_cpu(self, *args, **kwargs):
     """``Tensor.cuda`` is a method, so it cannot be scoped through a module's ``torch``:
     calls made from megatron.core code return the tensor unchanged, any other caller
     gets the real method (which raises on this CUDA-less machine, as it should)."""
-    caller = sys._getframe(1).f_globals.get("__name__", "")
-    if caller.startswith("megatron.core"):
+    if _called_from_megatron():
         return self
     return _original_tensor_cuda(self, *args, **kwargs)
+
+
+def _tensor_type_seen_by_megatron(self, *args, **kwargs):
+    """Megatron's optimizers check ``param.type() == 'torch.cuda.FloatTensor'``; for its
+    callers a CPU tensor reports the CUDA type name of its dtype."""
+    name = _original_tensor_type(self, *args, **kwargs)
+    if not args and not kwargs and _called_from_megatron() and name.startswith("torch.") and ".cuda." not in name:
+        return name.replace("torch.", "torch.cuda.", 1)
+    return name
 
 
 def cuda_available() -> bool:
@@ -179,6 +194,7 @@ def enable() -> bool:
         return True
     proxy = _CpuTorch()
     torch.Tensor.cuda = _tensor_cuda_from_megatron_stays_on_cpu
+    torch.Tensor.type = _tensor_type_seen_by_megatron
     for name in SCOPED_MODULES:
         module = importlib.import_module(name)
         _original_torch[name] = module.torch
@@ -192,6 +208,7 @@ def disable() -> None:
         importlib.import_module(name).torch = original
     _original_torch.clear()
     torch.Tensor.cuda = _original_tensor_cuda
+    torch.Tensor.type = _original_tensor_type
 
 
 def _cpu_tracker_class():

@@ -1,0 +1,1 @@
+"""Training on Megatron-Core's engine: recipes, data, engine, checkpoints, metrics."""

@@ -1,0 +1,152 @@
+"""Checkpoints with Megatron dist-checkpointing (torch_dist format).
+
+Layout of ``checkpoint.dir``::
+
+    iter_0000040/      one complete checkpoint (renamed into place only when whole)
+    iter_0000050/
+    latest             text file naming the newest complete checkpoint (atomic replace)
+
+A save writes ``iter_N.tmp/`` on every rank, barriers, then rank 0 renames it to
+``iter_N/`` and atomically replaces ``latest``: a crash at any point leaves ``latest``
+naming an older, complete checkpoint. The newest ``keep`` checkpoints are kept.
+Model and optimizer are saved sharded by global key, so a checkpoint loads under a
+different TP/PP/VPP layout (dist-checkpointing reshards).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+
+
+def _name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def latest_checkpoint(directory) -> pathlib.Path | None:
+    """The checkpoint ``latest`` points to, or None. A dangling marker is an error."""
+    directory = pathlib.Path(directory)
+    marker = directory / LATEST
+    if not marker.is_file():
+        return None
+    target = directory / marker.read_text().strip()
+    if not (target / "metadata.json").is_file():
+        raise RuntimeError(f"{marker} names {target.name}, which is not a complete checkpoint")
+    return target
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _sharded_state(engine, is_loading: bool, with_optimizer: bool, rng: dict | None) -> dict:
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state: dict = {}
+    if len(engine.model) == 1:
+        state["model"] = engine.model[0].module.sharded_state_dict()
+    else:
+        for index, chunk in enumerate(engine.model):
+            state[f"model{index}"] = chunk.module.sharded_state_dict()
+    if with_optimizer:
+        model_state = {k: v for k, v in state.items() if k.startswith("model")}
+        state["optimizer"] = engine.optimizer.sharded_state_dict(
+            model_state if len(engine.model) > 1 else model_state["model"], is_loading=is_loading
+        )
+        # RNG per (pp, tp) position; data-parallel replicas hold copies.
+        pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
+        state["rng_state"] = ShardedObject(
+            "rng_state", rng,
+            (parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()),
+            (pp, tp), replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+        )
+    return state
+
+
+def save(engine, directory, iteration: int, keep: int, extra: dict) -> pathlib.Path:
+    """Save model, optimizer, scheduler, RNG and ``extra`` (iteration, data position...)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+    directory = pathlib.Path(directory)
+    final = directory / _name(iteration)
+    tmp = directory / (_name(iteration) + ".tmp")
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    state = _sharded_state(engine, is_loading=False, with_optimizer=True, rng=_rng_state())
+    state["scheduler"] = engine.scheduler.state_dict()
+    state["train_state"] = dict(extra, iteration=iteration)
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
+    dist.barrier()
+    if rank0:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        marker_tmp = directory / (LATEST + ".tmp")
+        marker_tmp.write_text(final.name + "\n")
+        with open(marker_tmp) as f:
+            os.fsync(f.fileno())
+        marker_tmp.replace(directory / LATEST)
+        _prune(directory, keep)
+    dist.barrier()
+    return final
+
+
+def _prune(directory: pathlib.Path, keep: int) -> None:
+    done = sorted(p for p in directory.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in directory.glob("iter_*.tmp"):  # left by a crash mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def load(engine, path, weights_only: bool = False) -> dict:
+    """Load a checkpoint into the engine. ``weights_only`` keeps the fresh optimizer,
+    scheduler and RNG (a new training stage). Returns the saved train_state (or {})."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: F401
+
+    path = pathlib.Path(path)
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(f"{path} is not a dist-checkpointing checkpoint (no metadata.json)")
+    state = _sharded_state(engine, is_loading=True, with_optimizer=not weights_only, rng=None)
+    if not weights_only:
+        state["scheduler"] = None
+        state["train_state"] = None
+    loaded = dist_checkpointing.load(state, str(path))
+    if len(engine.model) == 1:
+        engine.model[0].module.load_state_dict(loaded["model"])
+    else:
+        for index, chunk in enumerate(engine.model):
+            chunk.module.load_state_dict(loaded[f"model{index}"])
+    if weights_only:
+        return {}
+    engine.optimizer.load_state_dict(loaded["optimizer"])
+    engine.scheduler.load_state_dict(loaded["scheduler"])
+    _set_rng_state(loaded["rng_state"])
+    return loaded["train_state"]

@@ -1,0 +1,175 @@
+"""The training engine on Megatron-Core's own machinery.
+
+Model chunks (one per virtual pipeline stage) wrapped in Megatron DDP; Megatron's
+optimizer (distributed on GPU) and OptimizerParamScheduler; the pipeline schedule from
+``get_forward_backward_func`` (no pipelining, 1F1B, or interleaved VPP); grads finalized
+by ``finalize_model_grads`` (DP all-reduce, SP norm grads, tied embeddings). On a machine
+without CUDA the CPU compat layer (switched on by ``initialize_parallel``) lets the same
+code run under gloo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+
+from rnope_megatron.model import build_model
+from rnope_megatron.train import data as data_lib
+from rnope_megatron.weights import fill_from_global, seeded_full_tensor
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one optimizer step produced (identical on every rank)."""
+
+    loss: float
+    tokens: int
+    grad_norm: float
+    lr: float
+    skipped: bool
+
+
+class Engine:
+    """Model, optimizer, scheduler and the step function for one rank."""
+
+    def __init__(self, recipe, dp_size: int):
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.recipe = recipe
+        self.dp_size = dp_size
+        t, o, layout = recipe.train, recipe.optimizer, recipe.parallel
+        cuda = torch.cuda.is_available()
+        distributed_optimizer = cuda if o.distributed is None else o.distributed
+        overrides = {}
+        if t.recompute:
+            overrides["recompute_granularity"] = t.recompute
+            if t.recompute == "full":
+                overrides.update(recompute_method="uniform", recompute_num_layers=1)
+        self.config = recipe.model.to_transformer_config(layout, params_dtype=t.precision, **overrides)
+
+        chunks = []
+        vp_stages = range(layout.virtual_pipeline) if layout.virtual_pipeline else [None]
+        for vp_stage in vp_stages:
+            chunk = build_model(
+                recipe.model, self.config, backend=t.backend, vp_stage=vp_stage,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            )
+            if cuda:
+                chunk.cuda(torch.cuda.current_device())
+            chunks.append(chunk)
+        if t.layout_invariant_init:
+            # Same weights whatever TP/PP/VPP: parallel runs are comparable with one process.
+            fill_from_global(chunks, seeded_full_tensor(t.seed, recipe.model.init_method_std))
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=t.precision != "fp32",
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=distributed_optimizer,
+        )
+        self.model = [
+            DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=index > 0)
+            for index, chunk in enumerate(chunks)
+        ]
+        for chunk in self.model:
+            chunk.broadcast_params()
+
+        opt_config = OptimizerConfig(
+            optimizer=o.name, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad, bf16=t.precision == "bf16", fp16=t.precision == "fp16",
+            params_dtype=self.config.params_dtype, use_distributed_optimizer=distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(opt_config, self.model)
+        s = recipe.scheduler
+        decay_iters = s.decay_iters or t.iters
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=s.warmup_iters * t.global_batch_size,
+            lr_decay_steps=decay_iters * t.global_batch_size, lr_decay_style=s.decay_style,
+            start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=decay_iters * t.global_batch_size,
+            wd_incr_style="constant",
+            wsd_decay_steps=(decay_iters // 10) * t.global_batch_size if s.decay_style == "WSD" else None,
+            lr_wsd_decay_style="linear" if s.decay_style == "WSD" else None,
+        )
+        # Hooks the schedules call (as megatron.training sets them).
+        self.config.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.reports_loss = (
+            self.last_stage
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_context_parallel_rank() == 0
+        )
+
+    # ------------------------------------------------------------------ stepping
+    @property
+    def num_microbatches(self) -> int:
+        t = self.recipe.train
+        return t.global_batch_size // (t.micro_batch_size * self.dp_size)
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"]
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        output = model(tokens, positions, None, labels=batch["labels"])
+
+        def loss_func(per_token_loss):
+            mask = batch["loss_mask"].to(per_token_loss.device).float()
+            loss_sum = (per_token_loss.float() * mask).sum()
+            count = mask.sum()
+            return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), count])}
+
+        return output, loss_func
+
+    def train_step(self, dataset, iteration: int) -> StepResult:
+        """One optimizer step on the global batch of 0-based ``iteration``."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        t = self.recipe.train
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        micro = [
+            {k: v.to(device) for k, v in data_lib.batch_for(dataset, iteration, m, self.recipe, self.dp_rank, self.dp_size).items()}
+            for m in range(self.num_microbatches)
+        ]
+        iterators = [iter(micro) for _ in self.model]
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iterators if len(self.model) > 1 else iterators[0],
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=self.num_microbatches,
+            seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=False,
+        )
+        totals = torch.zeros(2, dtype=torch.float64, device=device)
+        if self.reports_loss:
+            for item in losses:
+                totals += item["lm loss"].to(torch.float64)
+        # every rank learns the global loss: reporters contribute, the rest add zeros
+        dist.all_reduce(totals)
+        loss = (totals[0] / totals[1].clamp(min=1)).item()
+        skipped = not math.isfinite(loss)
+        grad_norm = float("nan")
+        if not skipped:
+            updated, grad_norm, _ = self.optimizer.step()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            skipped = not updated or not math.isfinite(grad_norm)
+        if not skipped:
+            self.scheduler.step(increment=t.global_batch_size)
+        return StepResult(
+            loss=loss, tokens=int(totals[1].item()), grad_norm=grad_norm,
+            lr=self.optimizer.param_groups[0]["lr"], skipped=skipped,
+        )

@@ -1,0 +1,91 @@
+"""Progress reporting: a console line, ``metrics.jsonl`` and TensorBoard (if installed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class MetricsLogger:
+    """Writes one record per logged iteration (rank 0 only does I/O)."""
+
+    def __init__(self, run_dir, total_iters: int, flops_per_token: float, world_size: int,
+                 peak_tflops: float | None, tensorboard: bool, active: bool):
+        self.active = active
+        self.total = total_iters
+        self.flops_per_token = flops_per_token
+        self.world_size = world_size
+        self.peak_tflops = peak_tflops
+        self.start = time.time()
+        self.start_iteration = None
+        self.window_start = time.time()
+        self.window_tokens = 0
+        self.writer = None
+        if not active:
+            return
+        run_dir = pathlib.Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                self.writer = None
+
+    @property
+    def tensorboard_dir(self):
+        return self.writer.log_dir if self.writer else None
+
+    def add_tokens(self, tokens: int) -> None:
+        self.window_tokens += tokens
+
+    def log(self, iteration: int, loss: float, lr: float, grad_norm: float, skipped: bool) -> dict:
+        now = time.time()
+        if self.start_iteration is None:
+            self.start_iteration = iteration - 1
+        elapsed_window = max(now - self.window_start, 1e-9)
+        tokens_per_s = self.window_tokens / elapsed_window
+        tflops = tokens_per_s * self.flops_per_token / 1e12 / self.world_size
+        done = iteration - self.start_iteration
+        eta = (now - self.start) / max(done, 1) * (self.total - iteration)
+        record = {
+            "iteration": iteration, "loss": loss, "lr": lr,
+            "grad_norm": None if math.isnan(grad_norm) else grad_norm,
+            "tokens_per_s": round(tokens_per_s, 1), "tflops_per_device": round(tflops, 4),
+            "elapsed_s": round(now - self.start, 2), "eta_s": round(eta, 1), "skipped": skipped,
+        }
+        if self.peak_tflops:
+            record["mfu"] = round(tflops / self.peak_tflops, 4)
+        self.window_start, self.window_tokens = now, 0
+        if self.active:
+            mfu = f"  mfu {record['mfu']:.1%}" if "mfu" in record else ""
+            print(
+                f"iter {iteration:6d}/{self.total}  loss {loss:.4f}  lr {lr:.3e}  grad_norm {grad_norm:.3f}  "
+                f"{tokens_per_s:,.0f} tok/s  {tflops:.3f} TFLOP/s/dev{mfu}  "
+                f"elapsed {_fmt_time(now - self.start)}  eta {_fmt_time(eta)}" + ("  [skipped]" if skipped else ""),
+                flush=True,
+            )
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+            if self.writer:
+                for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device"):
+                    if record[key] is not None:
+                        self.writer.add_scalar(f"train/{key}", record[key], iteration)
+        return record
+
+    def close(self) -> None:
+        if self.active:
+            self.jsonl.close()
+            if self.writer:
+                self.writer.close()

@@ -1,0 +1,365 @@
+"""Training recipes: YAML -> typed dataclasses, command-line overrides, validation.
+
+A recipe has the sections ``model`` (:class:`RNoPEConfig`), ``parallel``
+(:class:`ParallelLayout`), ``train``, ``optimizer``, ``scheduler``, ``data``,
+``checkpoint`` and ``logging``. Unknown keys are errors naming their path; ``a.b=value``
+arguments override values; ``base: other.yaml`` inherits one level (the base may not
+itself have a base). :func:`validate` checks every cross-field constraint before any
+process group exists, so a bad recipe fails in a second, not after the job is scheduled.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pathlib
+from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
+
+import yaml
+
+from rnope_megatron.config import ParallelLayout, RNoPEConfig
+
+
+class RecipeError(ValueError):
+    """A recipe problem; the message names the field."""
+
+
+@dataclasses.dataclass
+class TrainSection:
+    """How long and on what batch shapes to train."""
+
+    iters: int = 100
+    """Optimizer steps to reach (a resumed run continues to this count)."""
+    seq_length: int = 256
+    """Tokens per sequence."""
+    micro_batch_size: int = 4
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks."""
+    seed: int = 1234
+    """Seed of weights, data order and dropout."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Parameter/activation dtype (bf16 on GPUs; fp32 on CPU)."""
+    backend: Literal["portable", "te"] = "portable"
+    """Attention backend (see rnope_megatron.specs)."""
+    max_nan_skips: int = 0
+    """Iterations with a NaN/Inf loss or grad norm that may be skipped before stopping."""
+    recompute: Optional[Literal["selective", "full"]] = None
+    """Megatron activation recomputation granularity."""
+    layout_invariant_init: bool = False
+    """Initialise weights from full tensors keyed by name (identical for every TP/PP/VPP
+    layout; costs a full-size tensor per weight on each rank: small models only)."""
+
+
+@dataclasses.dataclass
+class OptimizerSection:
+    """Megatron optimizer (Adam/SGD) settings."""
+
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of decay."""
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    distributed: Optional[bool] = None
+    """Megatron distributed optimizer (sharded states). None = on with CUDA, off on CPU."""
+
+
+@dataclasses.dataclass
+class SchedulerSection:
+    """Megatron OptimizerParamScheduler."""
+
+    warmup_iters: int = 10
+    decay_style: Literal["cosine", "linear", "constant", "WSD", "inverse-square-root"] = "cosine"
+    decay_iters: Optional[int] = None
+    """Iterations over which the LR decays (None = train.iters)."""
+
+
+@dataclasses.dataclass
+class DataSection:
+    """Where tokens come from."""
+
+    source: Literal["default", "indexed", "synthetic-retrieval"] = "default"
+    """default: embedded corpus (Python stdlib sources, bytes); indexed: Megatron .bin/.idx
+    files from rnope-preprocess; synthetic-retrieval: passkey / key-value lookups only."""
+    paths: list = dataclasses.field(default_factory=list)
+    """Indexed dataset prefixes (without .bin/.idx), for source=indexed."""
+    weights: Optional[list] = None
+    """Blend weights, one per path (None = proportional to size)."""
+    tokenizer: str = "bytes"
+    """'bytes' (built-in byte-level, vocab 257) or a Hugging Face tokenizer.json path."""
+    retrieval_fraction: float = 0.0
+    """Share of samples drawn from the synthetic long-context retrieval mix (0..1)."""
+    cache_dir: Optional[str] = None
+    """Where built index caches and the default corpus go (default: <run dir>/data)."""
+
+
+@dataclasses.dataclass
+class CheckpointSection:
+    """Megatron dist-checkpointing (torch_dist)."""
+
+    dir: Optional[str] = None
+    """Checkpoint directory (default: <run dir>/checkpoints)."""
+    interval: int = 50
+    """Save every this many iterations (and at the end, and on SIGTERM/SIGUSR1)."""
+    keep: int = 2
+    """Keep the newest K checkpoints."""
+    load: Optional[str] = None
+    """Initialise from this checkpoint directory (e.g. a pretraining stage) when the run's
+    own checkpoint dir has none."""
+    reset_optimizer: bool = False
+    """With ``load``: take weights only (fresh optimizer, scheduler and iteration count)."""
+
+
+@dataclasses.dataclass
+class LoggingSection:
+    """Console, metrics.jsonl and TensorBoard."""
+
+    run_dir: str = "runs/default"
+    """Directory for metrics.jsonl, TensorBoard logs and (by default) checkpoints."""
+    interval: int = 1
+    """Log every this many iterations."""
+    tensorboard: bool = True
+    """Write TensorBoard events when the tensorboard package is installed."""
+    peak_tflops: Optional[float] = None
+    """Per-device peak (e.g. 989 for H100 bf16 dense) to print MFU; None prints TFLOP/s only."""
+
+
+@dataclasses.dataclass
+class Recipe:
+    """A whole training recipe."""
+
+    model: RNoPEConfig = dataclasses.field(default_factory=RNoPEConfig)
+    parallel: ParallelLayout = dataclasses.field(default_factory=ParallelLayout)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
+    scheduler: SchedulerSection = dataclasses.field(default_factory=SchedulerSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
+
+    @property
+    def run_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.logging.run_dir)
+
+    @property
+    def checkpoint_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _check_value(path: str, value: Any, annotation) -> Any:
+    """Type-check one leaf against its annotation; ints are accepted for floats."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        if value not in get_args(annotation):
+            raise RecipeError(f"{path}: {value!r} is not one of {list(get_args(annotation))}")
+        return value
+    if origin is not None and type(None) in get_args(annotation):  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in get_args(annotation) if a is not type(None)][0]
+        return _check_value(path, value, inner)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and not (
+        isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
+    ):
+        raise RecipeError(f"{path}: expected {annotation.__name__}, got {value!r}")
+    if annotation is list and not isinstance(value, list):
+        raise RecipeError(f"{path}: expected a list, got {value!r}")
+    return value
+
+
+def _build_section(cls, values: dict, path: str):
+    if not isinstance(values, dict):
+        raise RecipeError(f"{path}: expected a mapping, got {values!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in values:
+        if key not in fields:
+            raise RecipeError(f"unknown key {path}.{key} (known: {', '.join(sorted(fields))})")
+    checked = {key: _check_value(f"{path}.{key}", value, hints[key]) for key, value in values.items()}
+    try:
+        return cls(**checked)
+    except ValueError as err:  # the section's own validation (e.g. RNoPEConfig)
+        message = str(err)
+        raise RecipeError(message if message.startswith(path) else f"{path}: {message}") from None
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings (values parsed as YAML scalars/lists)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} is not of the form section.key=value")
+        dotted, text = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {dotted}: {key} is not a section")
+        node[keys[-1]] = _parse_scalar(text)
+    return raw
+
+
+def read_yaml(path) -> dict:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / base).resolve()
+    base_raw = yaml.safe_load(base_path.read_text(encoding="utf-8")) if base_path.is_file() else None
+    if base_raw is None:
+        raise RecipeError(f"{path}: base recipe {base} not found at {base_path}")
+    if "base" in base_raw:
+        raise RecipeError(f"{path}: base {base} has a base of its own (one level of inheritance only)")
+    return _merge(base_raw, raw)
+
+
+def recipe_from_dict(raw: dict) -> Recipe:
+    sections = {f.name: f.type for f in dataclasses.fields(Recipe)}
+    hints = get_type_hints(Recipe)
+    for key in raw:
+        if key not in sections:
+            raise RecipeError(f"unknown section {key!r} (known: {', '.join(sections)})")
+    built = {}
+    for name in sections:
+        cls = hints[name]
+        values = raw.get(name) or {}
+        if cls is RNoPEConfig:
+            if not isinstance(values, dict):
+                raise RecipeError(f"model: expected a mapping, got {values!r}")
+            try:
+                built[name] = RNoPEConfig.from_dict(values)
+            except (ValueError, TypeError) as err:
+                message = str(err)
+                raise RecipeError(message if "model." in message else f"model: {message}") from None
+        else:
+            built[name] = _build_section(cls, values, name)
+    return Recipe(**built)
+
+
+def load_recipe(path, overrides: list[str] = ()) -> Recipe:
+    """Read, inherit, override, type-check and validate a recipe (no process groups)."""
+    recipe = recipe_from_dict(apply_overrides(read_yaml(path), list(overrides)))
+    validate(recipe)
+    return recipe
+
+
+# ------------------------------------------------------------------------ validation
+
+def data_parallel_size(recipe: Recipe, world_size: int) -> int:
+    p = recipe.parallel
+    model_parallel = p.tensor * p.pipeline * p.context
+    if world_size % model_parallel:
+        raise RecipeError(
+            f"world size {world_size} is not divisible by parallel.tensor x pipeline x context "
+            f"= {p.tensor} x {p.pipeline} x {p.context} = {model_parallel}"
+        )
+    return world_size // model_parallel
+
+
+def validate(recipe: Recipe, world_size: Optional[int] = None) -> None:
+    """Cross-field checks; each error names the fields involved."""
+    m, p, t = recipe.model, recipe.parallel, recipe.train
+    for name in ("tensor", "pipeline", "context"):
+        if getattr(p, name) < 1:
+            raise RecipeError(f"parallel.{name} must be >= 1")
+    if p.virtual_pipeline is not None:
+        if p.pipeline < 2 or p.virtual_pipeline < 2:
+            raise RecipeError("parallel.virtual_pipeline needs parallel.pipeline >= 2 and a value >= 2")
+    chunks = p.pipeline * (p.virtual_pipeline or 1)
+    if m.num_layers % chunks:
+        raise RecipeError(
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline x "
+            f"virtual_pipeline = {chunks}"
+        )
+    if m.num_attention_heads % p.tensor:
+        raise RecipeError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={p.tensor}")
+    if m.query_groups % p.tensor and p.tensor % m.query_groups:
+        raise RecipeError(
+            f"model.num_query_groups={m.query_groups} and parallel.tensor={p.tensor}: one must divide the other"
+        )
+    if m.ffn_size % p.tensor:
+        raise RecipeError(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tensor={p.tensor}")
+    if p.sequence_parallel and p.tensor == 1:
+        raise RecipeError("parallel.sequence_parallel needs parallel.tensor > 1")
+    if p.sequence_parallel and t.seq_length % p.tensor:
+        raise RecipeError(f"train.seq_length={t.seq_length} is not divisible by parallel.tensor={p.tensor} (sequence parallel)")
+    if p.context > 1:
+        if recipe.train.backend != "te":
+            raise RecipeError("parallel.context > 1 needs train.backend=te (TE context parallelism)")
+        if t.seq_length % (2 * p.context):
+            raise RecipeError(f"train.seq_length={t.seq_length} must be divisible by 2 x parallel.context={2 * p.context}")
+    if t.seq_length > m.max_seq_length:
+        raise RecipeError(f"train.seq_length={t.seq_length} exceeds model.max_seq_length={m.max_seq_length}")
+    if "S" in m.layer_pattern.layers and m.window >= t.seq_length:
+        import warnings
+
+        warnings.warn(f"model.window={m.window} >= train.seq_length={t.seq_length}: sliding layers see every token")
+    for name in ("iters", "seq_length", "micro_batch_size", "global_batch_size"):
+        if getattr(t, name) < 1:
+            raise RecipeError(f"train.{name} must be >= 1")
+    if t.global_batch_size % t.micro_batch_size:
+        raise RecipeError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}"
+        )
+    if world_size is not None:
+        dp = data_parallel_size(recipe, world_size)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise RecipeError(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x "
+                f"data-parallel size = {t.micro_batch_size} x {dp}"
+            )
+        if p.pipeline > 1 and p.virtual_pipeline and (t.global_batch_size // (t.micro_batch_size * dp)) % p.pipeline:
+            raise RecipeError("interleaved pipeline: micro-batches per step must be a multiple of parallel.pipeline")
+    if recipe.optimizer.lr < recipe.optimizer.min_lr:
+        raise RecipeError(f"optimizer.min_lr={recipe.optimizer.min_lr} exceeds optimizer.lr={recipe.optimizer.lr}")
+    if recipe.scheduler.warmup_iters > t.iters:
+        raise RecipeError(f"scheduler.warmup_iters={recipe.scheduler.warmup_iters} exceeds train.iters={t.iters}")
+    if recipe.checkpoint.interval < 1 or recipe.checkpoint.keep < 1:
+        raise RecipeError("checkpoint.interval and checkpoint.keep must be >= 1")
+    if recipe.logging.interval < 1:
+        raise RecipeError("logging.interval must be >= 1")
+    d = recipe.data
+    if d.source == "indexed" and not d.paths:
+        raise RecipeError("data.paths is empty but data.source=indexed")
+    if d.weights is not None and len(d.weights) != len(d.paths):
+        raise RecipeError(f"data.weights has {len(d.weights)} entries for {len(d.paths)} data.paths")
+    if not 0.0 <= d.retrieval_fraction <= 1.0:
+        raise RecipeError(f"data.retrieval_fraction={d.retrieval_fraction} must be within [0, 1]")
+    if d.tokenizer == "bytes" and m.vocab_size < 257:
+        raise RecipeError(f"model.vocab_size={m.vocab_size} < 257 needed by data.tokenizer=bytes (256 bytes + EOD)")
