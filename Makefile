@@ -14,8 +14,10 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e ".[dev,hf]"
 	touch $(STAMP)
 
+# A fresh run each time (a second run in the same dir would just resume at the end).
 demo: $(STAMP)
-	$(PY) -m rnope_megatron.demo
+	rm -rf runs/demo
+	$(PY) -m rnope_megatron.train recipes/tiny-cpu.yaml logging.run_dir=runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -23,8 +23,13 @@ setup(
         # Hugging Face conversion and parity tests.
         "hf": ["transformers>=5.0", "safetensors"],
         "modelopt": ["nvidia-modelopt"],
-        "dev": ["pytest>=8", "psutil", "matplotlib"],
+        "dev": ["pytest>=8", "psutil", "matplotlib", "tensorboard"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "rnope-train = rnope_megatron.train.__main__:main",
+            "rnope-preprocess = rnope_megatron.preprocess:main",
+        ]
+    },
     classifiers=["Programming Language :: Python :: 3.12"],
 )

@@ -227,5 +227,16 @@ class RNoPEConfig:
             gradient_accumulation_fusion=False,
             persist_layer_norm=False,
         )
+        if parallel.context > 1:
+            values["cp_comm_type"] = self.cp_comm_types(parallel)
         values.update(overrides)
         return TransformerConfig(**values)
+
+    def cp_comm_types(self, parallel: ParallelLayout) -> list[str]:
+        """Per-layer TE context-parallel communication. TE rejects a sliding window with
+        p2p / a2a+p2p, so sliding layers use a2a (heads split across CP ranks; needs Q and
+        KV heads per TP rank divisible by CP) or else all_gather; global layers keep p2p
+        (ring attention, overlaps communication with compute)."""
+        heads, groups = self.num_attention_heads // parallel.tensor, max(1, self.query_groups // parallel.tensor)
+        local = "a2a" if heads % parallel.context == 0 and groups % parallel.context == 0 else "all_gather"
+        return [local if kind == "S" else "p2p" for kind in self.layer_pattern.layers]

@@ -9,14 +9,17 @@ window W. Plus the LM head 2·h·V. Used for MFU in the trainer's log and by the
 from __future__ import annotations
 
 
-def attention_span(seq_len: int, window: int | None) -> float:
-    """Average keys visited per query (exact, causal)."""
+def attention_span(seq_len: int, window: int | None, exact: bool = True) -> float:
+    """Average keys visited per query. ``exact``: counted over causal positions;
+    otherwise the usual approximation L/2 (global) and W (window)."""
+    if not exact:
+        return seq_len / 2 if window is None else min(window, seq_len)
     if window is None or window >= seq_len:
         return (seq_len + 1) / 2
     return (window * seq_len - window * (window - 1) / 2) / seq_len
 
 
-def forward_flops_per_token(model, seq_len: int) -> float:
+def forward_flops_per_token(model, seq_len: int, exact: bool = True) -> float:
     """Forward FLOPs per token for an RNoPEConfig at sequence length ``seq_len``."""
     h, q = model.hidden_size, model.num_attention_heads * model.head_dim
     kv = model.query_groups * model.head_dim
@@ -25,7 +28,7 @@ def forward_flops_per_token(model, seq_len: int) -> float:
     total = 0.0
     for number in range(1, model.num_layers + 1):
         window = model.window if pattern.kind(number).sliding else None
-        total += linear + 4 * q * attention_span(seq_len, window)
+        total += linear + 4 * q * attention_span(seq_len, window, exact)
     return total + 2 * h * model.vocab_size
 
 

@@ -75,3 +75,14 @@ def test_cpu_rng_tracker_forks_like_megatron(megatron_single):
     cpu_compat.seed_model_parallel_rng(42)
     with get_cuda_rng_tracker().fork():
         assert torch.equal(torch.rand(3), a)  # and is reproducible from the seed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="exercises the CPU-only path")
+def test_megatron_sees_cuda_type_names_others_do_not(compat_off):
+    cpu_compat.enable()
+    namespace = {"__name__": "megatron.core.optimizer.fake"}
+    exec("def kind(t):\n    return t.type()", namespace)
+    assert namespace["kind"](torch.ones(1)) == "torch.cuda.FloatTensor"
+    assert namespace["kind"](torch.ones(1, dtype=torch.bfloat16)) == "torch.cuda.BFloat16Tensor"
+    assert torch.ones(1).type() == "torch.FloatTensor"  # everyone else: the truth
+    assert torch.ones(1).type(torch.float64).dtype == torch.float64  # conversions untouched

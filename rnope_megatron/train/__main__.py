@@ -84,6 +84,7 @@ def run(recipe) -> dict:
         print(f"rnope-train: world {world_size} = tp {recipe.parallel.tensor} x pp {recipe.parallel.pipeline}"
               f" x cp {recipe.parallel.context} x dp {dp}; {params / 1e6:.2f}M params on rank 0; "
               f"{t.iters} iters x {t.global_batch_size} x {t.seq_length} tokens", flush=True)
+        print(recipe.model.layer_pattern.describe(), flush=True)
 
     skips = 0
     iteration = start_iteration
@@ -104,14 +105,16 @@ def run(recipe) -> dict:
                 )
         if iteration % recipe.logging.interval == 0 or iteration == t.iters or result.skipped:
             logger.log(iteration, result.loss, result.lr, result.grad_norm, result.skipped)
-        stopping = stop.any_rank()
+        stopping = stop.any_rank() or iteration == t.stop_at
         if iteration % recipe.checkpoint.interval == 0 or iteration == t.iters or stopping:
             path = ckpt.save(engine, recipe.checkpoint_dir, iteration, recipe.checkpoint.keep, {})
             saved_at = iteration
+            logger.restart_window()  # keep the save's time out of tokens/s
             if rank0:
                 print(f"saved checkpoint {path}", flush=True)
         if stopping:
-            reason = f"stopped by {stop.signal or 'a signal on another rank'}"
+            reason = "stopped at train.stop_at" if iteration == t.stop_at else (
+                f"stopped by {stop.signal or 'a signal on another rank'}")
             break
     logger.close()
     summary = {

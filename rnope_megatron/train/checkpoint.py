@@ -59,7 +59,17 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _sharded_state(engine, is_loading: bool, with_optimizer: bool, rng: dict | None) -> dict:
+def _layout() -> dict:
+    from megatron.core import parallel_state
+
+    return {
+        "tensor": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+    }
+
+
+def _sharded_state(engine, is_loading: bool, with_optimizer: bool, rng: dict | None,
+                   with_rng: bool = True) -> dict:
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -74,6 +84,7 @@ def _sharded_state(engine, is_loading: bool, with_optimizer: bool, rng: dict | N
         state["optimizer"] = engine.optimizer.sharded_state_dict(
             model_state if len(engine.model) > 1 else model_state["model"], is_loading=is_loading
         )
+    if with_optimizer and with_rng:
         # RNG per (pp, tp) position; data-parallel replicas hold copies.
         pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
         state["rng_state"] = ShardedObject(
@@ -100,7 +111,7 @@ def save(engine, directory, iteration: int, keep: int, extra: dict) -> pathlib.P
     dist.barrier()
     state = _sharded_state(engine, is_loading=False, with_optimizer=True, rng=_rng_state())
     state["scheduler"] = engine.scheduler.state_dict()
-    state["train_state"] = dict(extra, iteration=iteration)
+    state["train_state"] = dict(extra, iteration=iteration, layout=_layout())
     dist_checkpointing.save(state, str(tmp), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
     dist.barrier()
     if rank0:
@@ -129,12 +140,16 @@ def load(engine, path, weights_only: bool = False) -> dict:
     """Load a checkpoint into the engine. ``weights_only`` keeps the fresh optimizer,
     scheduler and RNG (a new training stage). Returns the saved train_state (or {})."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: F401
 
     path = pathlib.Path(path)
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a dist-checkpointing checkpoint (no metadata.json)")
-    state = _sharded_state(engine, is_loading=True, with_optimizer=not weights_only, rng=None)
+    # RNG streams belong to (pp, tp) positions: they restore only into the same layout.
+    # Model and optimizer reshard; with dropout off the RNG does not affect training.
+    saved = dist_checkpointing.load_common_state_dict(str(path)).get("train_state") or {}
+    same_layout = saved.get("layout") == _layout()
+    state = _sharded_state(engine, is_loading=True, with_optimizer=not weights_only, rng=None,
+                           with_rng=same_layout)
     if not weights_only:
         state["scheduler"] = None
         state["train_state"] = None
@@ -148,5 +163,9 @@ def load(engine, path, weights_only: bool = False) -> dict:
         return {}
     engine.optimizer.load_state_dict(loaded["optimizer"])
     engine.scheduler.load_state_dict(loaded["scheduler"])
-    _set_rng_state(loaded["rng_state"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    elif dist.get_rank() == 0:
+        print(f"note: checkpoint layout {saved.get('layout')} differs from {_layout()}: model and optimizer "
+              "were resharded; RNG streams start fresh", flush=True)
     return loaded["train_state"]

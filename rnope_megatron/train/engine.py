@@ -48,6 +48,11 @@ class Engine:
         cuda = torch.cuda.is_available()
         distributed_optimizer = cuda if o.distributed is None else o.distributed
         overrides = {}
+        if layout.virtual_pipeline:
+            # As megatron.training does for the interleaved schedule: unbatched p2p with
+            # overlap. Batched p2p posts sends to prev and next in one batch; with PP=2
+            # both are the same peer, and gloo (CPU) then matches them out of order.
+            overrides.update(overlap_p2p_comm=True, batch_p2p_comm=False)
         if t.recompute:
             overrides["recompute_granularity"] = t.recompute
             if t.recompute == "full":

@@ -47,6 +47,9 @@ class MetricsLogger:
     def tensorboard_dir(self):
         return self.writer.log_dir if self.writer else None
 
+    def restart_window(self) -> None:
+        self.window_start, self.window_tokens = time.time(), 0
+
     def add_tokens(self, tokens: int) -> None:
         self.window_tokens += tokens
 

@@ -42,6 +42,9 @@ class TrainSection:
     """Parameter/activation dtype (bf16 on GPUs; fp32 on CPU)."""
     backend: Literal["portable", "te"] = "portable"
     """Attention backend (see rnope_megatron.specs)."""
+    stop_at: Optional[int] = None
+    """Save a checkpoint and stop at this iteration (a later run resumes; e.g. to fit a
+    job time limit). None = run to ``iters``."""
     max_nan_skips: int = 0
     """Iterations with a NaN/Inf loss or grad norm that may be skipped before stopping."""
     recompute: Optional[Literal["selective", "full"]] = None
@@ -171,6 +174,11 @@ def _check_value(path: str, value: Any, annotation) -> Any:
         return _check_value(path, value, inner)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if annotation in (int, float, str, bool) and not (
         isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
     ):
@@ -348,8 +356,12 @@ def validate(recipe: Recipe, world_size: Optional[int] = None) -> None:
             raise RecipeError("interleaved pipeline: micro-batches per step must be a multiple of parallel.pipeline")
     if recipe.optimizer.lr < recipe.optimizer.min_lr:
         raise RecipeError(f"optimizer.min_lr={recipe.optimizer.min_lr} exceeds optimizer.lr={recipe.optimizer.lr}")
-    if recipe.scheduler.warmup_iters > t.iters:
-        raise RecipeError(f"scheduler.warmup_iters={recipe.scheduler.warmup_iters} exceeds train.iters={t.iters}")
+    decay = recipe.scheduler.decay_iters or t.iters
+    if recipe.scheduler.warmup_iters >= decay:
+        raise RecipeError(
+            f"scheduler.warmup_iters={recipe.scheduler.warmup_iters} must be below the decay length "
+            f"(scheduler.decay_iters or train.iters = {decay})"
+        )
     if recipe.checkpoint.interval < 1 or recipe.checkpoint.keep < 1:
         raise RecipeError("checkpoint.interval and checkpoint.keep must be >= 1")
     if recipe.logging.interval < 1:

@@ -1,0 +1,214 @@
+"""rnope-train end to end on CPU: Megatron's real DDP, optimizer, schedules and
+dist-checkpointing under gloo, launched as a user would (python -m / torchrun).
+
+Tolerances: parallel layouts vs one process 2e-4 absolute on per-iteration losses over
+6 Adam steps (fp32; only reduction order differs, measured ~1e-6); resume after kill -9:
+bit-exact (==)."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RECIPE = str(ROOT / "recipes" / "tiny-cpu.yaml")
+FAST = [
+    "train.iters=6", "train.micro_batch_size=2", "train.global_batch_size=8",
+    "train.seq_length=128", "scheduler.warmup_iters=2", "logging.interval=1",
+    "logging.tensorboard=false", "checkpoint.interval=100",
+]
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+def train_cmd(run_dir, *overrides, nproc=1):
+    launcher = [sys.executable, "-m", "rnope_megatron.train"]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc-per-node={nproc}", "-m", "rnope_megatron.train"]
+    return launcher + [RECIPE, *FAST, f"logging.run_dir={run_dir}", *overrides]
+
+
+def train(run_dir, *overrides, nproc=1, check=True):
+    proc = subprocess.run(train_cmd(run_dir, *overrides, nproc=nproc), capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    if check and proc.returncode:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def metrics(run_dir) -> list[dict]:
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def losses(run_dir) -> dict[int, float]:
+    """iteration -> loss; a resumed run's later records win."""
+    return {m["iteration"]: m["loss"] for m in metrics(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, data_cache):
+    run_dir = tmp_path_factory.mktemp("single")
+    out = train(run_dir, f"data.cache_dir={data_cache}")
+    return run_dir, out
+
+
+def test_single_process_trains_logs_and_checkpoints(single):
+    run_dir, out = single
+    records = metrics(run_dir)
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for key in ("iteration", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "eta_s"):
+        assert key in records[0]
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5  # it learns
+    assert abs(records[0]["loss"] - 6.24) < 0.2  # ln(512): a fresh model
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
+    assert "iter      6/6" in out.stdout and "eta" in out.stdout
+    assert f"metrics {run_dir}/metrics.jsonl" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["parallel.tensor=2"],
+        ["parallel.tensor=2", "parallel.sequence_parallel=true"],
+        ["parallel.pipeline=2"],
+        ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
+        [],  # data parallel 2
+    ],
+    ids=["tp2", "tp2-sp", "pp2", "pp2-vpp2", "dp2"],
+)
+def test_parallel_layouts_follow_the_single_process_trajectory(single, tmp_path, data_cache, layout):
+    reference = losses(single[0])
+    train(tmp_path, f"data.cache_dir={data_cache}", *layout, nproc=2)
+    ours = losses(tmp_path)
+    assert ours.keys() == reference.keys()
+    for iteration in reference:
+        assert ours[iteration] == pytest.approx(reference[iteration], abs=2e-4), iteration
+
+
+def test_kill_9_and_resume_is_bit_exact(tmp_path, data_cache):
+    common = [f"data.cache_dir={data_cache}", "train.iters=10", "checkpoint.interval=2"]
+    full = tmp_path / "full"
+    train(full, *common)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(killed, *common), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if any(m["iteration"] >= 5 for m in metrics(killed)):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logged_before = max(losses(killed))
+    assert logged_before < 10
+    latest = (killed / "checkpoints" / "latest").read_text().strip()
+    assert latest in {"iter_0000002", "iter_0000004", "iter_0000006"}
+    out = train(killed, *common)
+    assert f"resumed from {killed}/checkpoints/{latest}" in out.stdout
+    resumed, reference = losses(killed), losses(full)
+    assert resumed.keys() == reference.keys()
+    assert resumed == reference  # bit-exact, every iteration
+    kept = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("iter_"))
+    assert kept == ["iter_0000008", "iter_0000010"]  # checkpoint.keep=2 (the recipe's)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, data_cache):
+    proc = subprocess.Popen(train_cmd(tmp_path, f"data.cache_dir={data_cache}", "train.iters=200"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not metrics(tmp_path):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    assert "stopped by SIGTERM" in stdout
+    last = max(losses(tmp_path))
+    assert last < 200
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"iter_{last:07d}"
+
+
+def test_checkpoint_from_tp2_resumes_under_pp2(single, tmp_path, data_cache):
+    """Resharding: model and optimizer saved with TP=2 load with PP=2 and the run continues
+    on the single-process trajectory."""
+    common = [f"data.cache_dir={data_cache}"]
+    train(tmp_path, *common, "parallel.tensor=2", "train.stop_at=3", nproc=2)
+    assert max(losses(tmp_path)) == 3
+    out = train(tmp_path, *common, "parallel.pipeline=2", nproc=2)
+    assert "resumed from" in out.stdout and "iter_0000003" in out.stdout
+    reference, ours = losses(single[0]), losses(tmp_path)
+    for iteration in (4, 5, 6):
+        assert ours[iteration] == pytest.approx(reference[iteration], abs=2e-4), iteration
+
+
+def test_long_context_stage_starts_from_pretrained_weights(single, tmp_path, data_cache):
+    """Stage 2 at twice the sequence length, weights from stage 1, fresh optimizer; no
+    RoPE rescaling is involved (NoPE global layers, windowed RoPE layers)."""
+    stage1_ckpt = single[0] / "checkpoints"
+    common = [f"data.cache_dir={data_cache}", "train.seq_length=256", "train.iters=3"]
+    out = train(tmp_path / "stage2", *common, f"checkpoint.load={stage1_ckpt}", "checkpoint.reset_optimizer=true")
+    assert "(weights only) at iteration 0" in out.stdout
+    fresh = tmp_path / "fresh"
+    train(fresh, *common)
+    assert losses(tmp_path / "stage2")[1] < losses(fresh)[1] - 0.5
+
+
+def test_non_finite_loss_stops_with_the_iteration(tmp_path, data_cache):
+    out = train(tmp_path, f"data.cache_dir={data_cache}", "optimizer.lr=1e30", "optimizer.min_lr=0",
+                "optimizer.clip_grad=0", "train.max_nan_skips=1", check=False)
+    assert out.returncode != 0
+    message = out.stderr.strip().splitlines()[-1]
+    assert "non-finite loss" in message and "max_nan_skips=1" in message
+    skipped = [m["iteration"] for m in metrics(tmp_path) if m["skipped"]]
+    assert len(skipped) == 2 and f"at iteration {skipped[-1]} " in message
+
+
+def test_preprocess_then_train_on_indexed_data(tmp_path, data_cache):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": f"document {i}: " + "lorem ipsum " * 40}) for i in range(200)))
+    subprocess.run([sys.executable, "-m", "rnope_megatron.preprocess", "--input", str(docs),
+                    "--output-prefix", str(tmp_path / "corpus")], check=True, cwd=ROOT, capture_output=True)
+    assert (tmp_path / "corpus.bin").stat().st_size > 0 and (tmp_path / "corpus.idx").exists()
+    train(tmp_path / "run", "data.source=indexed", f"data.paths=[{tmp_path / 'corpus'}]",
+          "data.retrieval_fraction=0.2", f"data.cache_dir={tmp_path / 'cache'}", "train.iters=3")
+    assert len(losses(tmp_path / "run")) == 3
+
+
+def test_preprocess_names_the_bad_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{oops\n')
+    out = subprocess.run([sys.executable, "-m", "rnope_megatron.preprocess", "--input", str(bad),
+                          "--output-prefix", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and f"{bad}:2: not JSON" in out.stderr
+    assert not (tmp_path / "x.idx").exists()  # nothing half-written under the final name
+
+
+def test_preprocess_with_a_hugging_face_tokenizer_file(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from rnope_megatron.train.data import HFTokenizer
+
+    words = ["<|endoftext|>", "[UNK]", "hello", "world", "again"]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    text = tmp_path / "a.txt"
+    text.write_text("hello world again hello")
+    out = subprocess.run([sys.executable, "-m", "rnope_megatron.preprocess", "--input", str(text),
+                          "--output-prefix", str(tmp_path / "c"), "--tokenizer", str(tmp_path / "tokenizer.json")],
+                         check=True, cwd=ROOT, capture_output=True, text=True)
+    assert "1 documents, 5 tokens (vocab 5)" in out.stdout
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(tmp_path / "c"))  # keep it alive: items are views of its mmap
+    ids = dataset[0].tolist()
+    assert ids == [2, 3, 4, 2, HFTokenizer(str(tmp_path / "tokenizer.json")).eod]
