@@ -51,7 +51,7 @@ class RNoPEConfig:
     kv_channels: Optional[int] = None
     """Head dimension. None = hidden_size // num_attention_heads."""
     vocab_size: int = 256
-    """Vocabulary size (Megatron pads it for TP divisibility when building the model)."""
+    """Vocabulary size; must be divisible by the tensor-parallel size (pad it, e.g. to 128k)."""
     max_seq_length: int = 256
     """Longest sequence the model is built for; can grow between stages (no RoPE rescale)."""
 

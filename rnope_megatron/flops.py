@@ -3,7 +3,7 @@
 Per layer, forward:  linear  2·(h·(q + 2·kv) + q·h + 3·h·ffn)   (q = heads·head_dim,
 kv = kv_heads·head_dim, SwiGLU MLP) and attention 4·q·span, with span = the average
 number of keys a query visits: (L+1)/2 for global causal, (W·L − W(W−1)/2)/L for a
-window W. Plus the LM head 2·h·V. Used for MFU in the trainer's log and by the planner.
+window W. Plus the LM head 2·h·V. Used for TFLOP/s and MFU in the trainer's log.
 """
 
 from __future__ import annotations
@@ -32,5 +32,5 @@ def forward_flops_per_token(model, seq_len: int, exact: bool = True) -> float:
     return total + 2 * h * model.vocab_size
 
 
-def training_flops_per_token(model, seq_len: int) -> float:
-    return 3 * forward_flops_per_token(model, seq_len)
+def training_flops_per_token(model, seq_len: int, exact: bool = True) -> float:
+    return 3 * forward_flops_per_token(model, seq_len, exact)

@@ -100,7 +100,7 @@ class LayerPattern:
     def has_sliding(self) -> bool:
         return "S" in self.layers
 
-    # ---- Megatron-Core's native per-layer lists (opposite meanings of 1, see FACTS) ----
+    # ---- Megatron-Core's native per-layer lists (opposite meanings of 1) ----
     def window_attn_skip_freq(self) -> list[int]:
         """Megatron ``window_attn_skip_freq`` as a list: 1 = this layer uses the window."""
         return [int(c == "S") for c in self.layers]

@@ -1,4 +1,4 @@
-"""FLOP model against the numbers in FACTS.md, and the synthetic retrieval data."""
+"""FLOP model against the paper-scale speed-ups (shared/reference/FACTS.md), and the synthetic retrieval data."""
 
 import pytest
 
@@ -20,7 +20,7 @@ def test_rnope_speedup_over_rope_baseline_matches_paper_scale(seq, speedup):
     hybrid = RNoPEConfig(pattern="SSSG", **shape)
     baseline = RNoPEConfig(pattern="R", **shape)
     approx = forward_flops_per_token(baseline, seq, exact=False) / forward_flops_per_token(hybrid, seq, exact=False)
-    assert approx == pytest.approx(speedup, abs=0.005)  # FACTS' convention: spans L/2 and W
+    assert approx == pytest.approx(speedup, abs=0.005)  # the usual convention: spans L/2 and W
     exact = forward_flops_per_token(baseline, seq) / forward_flops_per_token(hybrid, seq)
     assert approx <= exact <= approx + 0.01  # exact windows are shorter near the sequence start
 

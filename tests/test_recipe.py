@@ -62,6 +62,9 @@ BAD = [
     (["model.vocab_size=200"], "model.vocab_size=200 < 257"),
     (["checkpoint.keep=0"], "checkpoint.keep"),
     (["train.iters"], "not of the form section.key=value"),
+    (["model.tie_embeddings=maybe"], "model.tie_embeddings: expected bool"),
+    (["model.norm_eps=tiny"], "model.norm_eps: expected float"),
+    (["parallel.tensor=2", "model.vocab_size=513"], "model.vocab_size=513 is not divisible by parallel.tensor=2"),
 ]
 
 

@@ -32,8 +32,8 @@ class RNoPESelfAttention(SelfAttention):
         if inference_context is not None:
             # Decoding would need per-step position offsets for the rotary frequencies.
             raise NotImplementedError(
-                "KV-cache inference is not supported by rnope_megatron yet; export the model "
-                "to Hugging Face for generation"
+                "KV-cache inference is not supported by rnope_megatron yet (decoding needs "
+                "per-step rotary position offsets)"
             )
         if self.rotary is None:
             rotary_pos_emb = None

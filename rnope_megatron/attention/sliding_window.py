@@ -100,8 +100,9 @@ class _BlockedSlidingWindowCPU(torch.autograd.Function):
                 body(q), windows(k), windows(v), 0.0, False, attn_mask=rest_mask, scale=scale
             )
             merged = torch.logaddexp(l_d, l_r)
-            o_b = o_d.float() * torch.exp(l_d - merged).unsqueeze(-1)
-            o_b += o_r.float() * torch.exp(l_r - merged).unsqueeze(-1)
+            acc = torch.promote_types(o_d.dtype, torch.float32)  # fp64 stays fp64
+            o_b = o_d.to(acc) * torch.exp(l_d - merged).unsqueeze(-1)
+            o_b += o_r.to(acc) * torch.exp(l_r - merged).unsqueeze(-1)
             body(out).copy_(o_b)
             lse[:, prefix:] = merged.reshape(bh, n * tile)
         ctx.save_for_backward(q, k, v, out, lse, prefix_mask, rest_mask)

@@ -4,11 +4,14 @@ Megatron-Core hard-codes CUDA in a few modules (``device="cuda"`` factories,
 ``torch.cuda.current_device()``, streams, events, ``synchronize``). On a machine without
 CUDA, :func:`enable` replaces the ``torch`` name *inside those modules only* with a proxy
 that places tensors on the CPU and turns stream/event/synchronize calls into no-ops. The
-global ``torch`` is untouched, nothing else in the process changes, and :func:`enable`
-refuses to do anything when CUDA is available: on GPU Megatron runs unmodified.
+global ``torch`` is untouched, and :func:`enable` refuses to do anything when CUDA is
+available: on GPU Megatron runs unmodified.
 
-``Tensor.cuda()`` called from megatron.core code returns the tensor unchanged, and
-``Tensor.type()`` reports CUDA type names to it (its optimizers assert on them).
+Two Tensor *methods* cannot be scoped through a module's ``torch``, so they are replaced
+process-wide but behave differently only for callers in ``megatron.core`` (checked on the
+caller's frame): ``Tensor.cuda()`` returns the tensor unchanged, and ``Tensor.type()``
+reports CUDA type names (Megatron's optimizers assert on them). Other callers see the
+original methods.
 
 The RNG tracker (``tensor_parallel.random``) gets a CPU-generator tracker via
 :func:`seed_model_parallel_rng`, the CPU counterpart of
@@ -25,7 +28,8 @@ import types
 
 import torch
 
-# Megatron modules whose module-level ``torch`` is proxied (measured: FACTS.md).
+# Megatron modules whose module-level ``torch`` is proxied (found by running Megatron's
+# training path on a CUDA-less machine; see shared/reference/FACTS.md).
 SCOPED_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.p2p_communication",

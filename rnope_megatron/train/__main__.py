@@ -7,7 +7,7 @@ pre-emption) save a checkpoint at the end of the current iteration and exit 0.
 
 from __future__ import annotations
 
-import math
+import json
 import os
 import signal
 import sys
@@ -76,7 +76,7 @@ def run(recipe) -> dict:
 
     dataset = build_dataset(recipe, pathlib.Path(cache), t.iters * t.global_batch_size)
     logger = MetricsLogger(
-        recipe.run_dir, t.iters, training_flops_per_token(recipe.model, t.seq_length), world_size,
+        recipe.run_dir, t.iters, start_iteration, training_flops_per_token(recipe.model, t.seq_length), world_size,
         recipe.logging.peak_tflops, recipe.logging.tensorboard, active=rank0,
     )
     if rank0:
@@ -88,7 +88,6 @@ def run(recipe) -> dict:
 
     skips = 0
     iteration = start_iteration
-    saved_at = start_iteration if resume is not None else None
     reason = "done"
     while iteration < t.iters:
         result = engine.train_step(dataset, iteration)
@@ -107,8 +106,7 @@ def run(recipe) -> dict:
             logger.log(iteration, result.loss, result.lr, result.grad_norm, result.skipped)
         stopping = stop.any_rank() or iteration == t.stop_at
         if iteration % recipe.checkpoint.interval == 0 or iteration == t.iters or stopping:
-            path = ckpt.save(engine, recipe.checkpoint_dir, iteration, recipe.checkpoint.keep, {})
-            saved_at = iteration
+            path = ckpt.save(engine, recipe.checkpoint_dir, iteration, recipe.checkpoint.keep)
             logger.restart_window()  # keep the save's time out of tokens/s
             if rank0:
                 print(f"saved checkpoint {path}", flush=True)
@@ -117,12 +115,15 @@ def run(recipe) -> dict:
                 f"stopped by {stop.signal or 'a signal on another rank'}")
             break
     logger.close()
+    latest = ckpt.latest_checkpoint(recipe.checkpoint_dir)
     summary = {
-        "iteration": iteration, "reason": reason, "run_dir": str(recipe.run_dir),
-        "checkpoint": str(ckpt.latest_checkpoint(recipe.checkpoint_dir)) if saved_at is not None else None,
+        "iteration": iteration, "reason": reason, "done": iteration >= t.iters, "run_dir": str(recipe.run_dir),
+        "checkpoint": str(latest) if latest else None,
         "metrics": str(recipe.run_dir / "metrics.jsonl"), "tensorboard": logger.tensorboard_dir,
     }
     if rank0:
+        # for job scripts: e.g. requeue a pre-empted SLURM job unless "done" is true
+        (recipe.run_dir / "exit_status.json").write_text(json.dumps(summary) + "\n")
         print(f"rnope-train: {reason} at iteration {iteration}; checkpoint {summary['checkpoint']}; "
               f"metrics {summary['metrics']}; tensorboard {summary['tensorboard'] or 'not installed'}", flush=True)
     dist.barrier()

@@ -95,8 +95,9 @@ def _sharded_state(engine, is_loading: bool, with_optimizer: bool, rng: dict | N
     return state
 
 
-def save(engine, directory, iteration: int, keep: int, extra: dict) -> pathlib.Path:
-    """Save model, optimizer, scheduler, RNG and ``extra`` (iteration, data position...)."""
+def save(engine, directory, iteration: int, keep: int) -> pathlib.Path:
+    """Save model, optimizer, scheduler, RNG and the iteration (which fixes the data
+    position: batches are a pure function of it)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
@@ -111,7 +112,7 @@ def save(engine, directory, iteration: int, keep: int, extra: dict) -> pathlib.P
     dist.barrier()
     state = _sharded_state(engine, is_loading=False, with_optimizer=True, rng=_rng_state())
     state["scheduler"] = engine.scheduler.state_dict()
-    state["train_state"] = dict(extra, iteration=iteration, layout=_layout())
+    state["train_state"] = {"iteration": iteration, "layout": _layout()}
     dist_checkpointing.save(state, str(tmp), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
     dist.barrier()
     if rank0:
@@ -160,6 +161,9 @@ def load(engine, path, weights_only: bool = False) -> dict:
         for index, chunk in enumerate(engine.model):
             chunk.module.load_state_dict(loaded[f"model{index}"])
     if weights_only:
+        # bf16/fp16 and the distributed optimizer keep fp32 main copies taken at
+        # construction; refresh them or the first step writes the old weights back.
+        engine.optimizer.reload_model_params()
         return {}
     engine.optimizer.load_state_dict(loaded["optimizer"])
     engine.scheduler.load_state_dict(loaded["scheduler"])

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
 import random
 import sysconfig
@@ -49,9 +50,10 @@ class HFTokenizer:
         self._tok = Tokenizer.from_file(str(path))
         self.vocab_size = self._tok.get_vocab_size()
         vocab = self._tok.get_vocab()
-        eod = next((vocab[t] for t in ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<EOS_TOKEN>") if t in vocab), None)
+        candidates = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<EOS_TOKEN>")
+        eod = next((vocab[t] for t in candidates if t in vocab), None)
         if eod is None:
-            raise ValueError(f"{path}: no end-of-document token found (looked for <|endoftext|>, </s>, <eos>)")
+            raise ValueError(f"{path}: no end-of-document token found (looked for {', '.join(candidates)})")
         self.eod = self.pad = eod
         self.unique_identifiers = {"class": "HFTokenizer", "path": str(path), "vocab_size": self.vocab_size}
 
@@ -71,10 +73,10 @@ def write_indexed(prefix: str | pathlib.Path, documents: Iterable[list[int]], vo
     (each document ends with EOD, added by the caller). Returns the token count."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    prefix = pathlib.Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix = str(prefix)  # may contain dots (data/web.v2): append, never replace, suffixes
+    pathlib.Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     dtype = numpy.uint16 if vocab_size <= 65536 else numpy.int32
-    tmp_bin, tmp_idx = prefix.with_suffix(".bin.tmp"), prefix.with_suffix(".idx.tmp")
+    tmp_bin, tmp_idx = pathlib.Path(prefix + ".bin.tmp"), pathlib.Path(prefix + ".idx.tmp")
     builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
     tokens = 0
     for doc in documents:
@@ -82,8 +84,8 @@ def write_indexed(prefix: str | pathlib.Path, documents: Iterable[list[int]], vo
         tokens += len(doc)
     builder.finalize(str(tmp_idx))
     # rename last: a crash mid-write never leaves a readable half dataset
-    tmp_bin.replace(prefix.with_suffix(".bin"))
-    tmp_idx.replace(prefix.with_suffix(".idx"))
+    tmp_bin.replace(prefix + ".bin")
+    tmp_idx.replace(prefix + ".idx")
     return tokens
 
 
@@ -121,7 +123,7 @@ def retrieval_documents(count: int, length: int, seed: int) -> Iterator[str]:
 
 
 def _ensure(prefix: pathlib.Path, make_docs, tokenizer) -> str:
-    if not prefix.with_suffix(".idx").exists():
+    if not pathlib.Path(str(prefix) + ".idx").exists():
         docs = ([*tokenizer.tokenize(text), tokenizer.eod] for text in make_docs())
         write_indexed(prefix, docs, tokenizer.vocab_size)
     return str(prefix)
@@ -131,7 +133,9 @@ def dataset_prefixes(recipe, cache_dir: pathlib.Path, tokenizer) -> tuple[list[s
     """Indexed-dataset prefixes and blend weights for the recipe (building the embedded
     corpora on first use; call on one rank, then barrier)."""
     d = recipe.data
-    tag = "bytes" if d.tokenizer == "bytes" else pathlib.Path(d.tokenizer).stem
+    # Cache names identify the tokenizer by content, not file name (tokenizer.json is common).
+    tag = "bytes" if d.tokenizer == "bytes" else "hf-" + hashlib.sha256(
+        pathlib.Path(d.tokenizer).read_bytes()).hexdigest()[:12]
     paths: list[str] = []
     weights: list[float] | None = None
     if d.source == "indexed":
@@ -142,7 +146,7 @@ def dataset_prefixes(recipe, cache_dir: pathlib.Path, tokenizer) -> tuple[list[s
     if retrieval_needed:
         length = recipe.train.seq_length * (1 if tag == "bytes" else 4)  # chars, ~one sequence
         retrieval = _ensure(
-            cache_dir / f"retrieval-{tag}-{length}",
+            cache_dir / f"retrieval-{tag}-{length}-seed{recipe.train.seed}",
             lambda: retrieval_documents(2000, length, recipe.train.seed),
             tokenizer,
         )

@@ -53,6 +53,11 @@ class Engine:
             # overlap. Batched p2p posts sends to prev and next in one batch; with PP=2
             # both are the same peer, and gloo (CPU) then matches them out of order.
             overrides.update(overlap_p2p_comm=True, batch_p2p_comm=False)
+        fusions = cuda if t.fusions is None else t.fusions
+        if fusions:  # CUDA kernels; gradient-accumulation fusion needs TE's wgrad GEMMs
+            overrides.update(apply_rope_fusion=True, bias_activation_fusion=True,
+                             bias_dropout_fusion=True,
+                             gradient_accumulation_fusion=t.backend == "te")
         if t.recompute:
             overrides["recompute_granularity"] = t.recompute
             if t.recompute == "full":
@@ -101,8 +106,12 @@ class Engine:
             lr_decay_steps=decay_iters * t.global_batch_size, lr_decay_style=s.decay_style,
             start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=decay_iters * t.global_batch_size,
             wd_incr_style="constant",
-            wsd_decay_steps=(decay_iters // 10) * t.global_batch_size if s.decay_style == "WSD" else None,
+            wsd_decay_steps=(s.wsd_decay_iters or decay_iters // 10) * t.global_batch_size
+            if s.decay_style == "WSD" else None,
             lr_wsd_decay_style="linear" if s.decay_style == "WSD" else None,
+            # The recipe wins over the values stored in a checkpoint (progress still
+            # resumes): changing optimizer.lr or train.iters on resume takes effect.
+            use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
         )
         # Hooks the schedules call (as megatron.training sets them).
         self.config.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
@@ -110,11 +119,9 @@ class Engine:
         self.config.grad_scale_func = self.optimizer.scale_loss
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-        self.reports_loss = (
-            self.last_stage
-            and parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_context_parallel_rank() == 0
-        )
+        # Last-stage ranks of TP rank 0 report; CP ranks hold different tokens, all report.
+        self.reports_loss = self.last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
+        self.cp_group = parallel_state.get_context_parallel_group() if layout.context > 1 else None
 
     # ------------------------------------------------------------------ stepping
     @property
@@ -124,6 +131,12 @@ class Engine:
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
+        if self.cp_group is not None:
+            # Megatron's load-balanced (2·CP chunks) split of the sequence; the RoPE
+            # layers slice their frequencies the same way (get_pos_emb_on_this_cp_rank).
+            from megatron.core.utils import get_batch_on_this_cp_rank
+
+            batch = get_batch_on_this_cp_rank(dict(batch), False, self.cp_group)
         tokens = batch["tokens"]
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         output = model(tokens, positions, None, labels=batch["labels"])
@@ -135,6 +148,19 @@ class Engine:
             return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), count])}
 
         return output, loss_func
+
+    def _grads_finite(self) -> bool:
+        """All ranks agree whether every (already reduced) gradient is finite."""
+        bad = torch.zeros(1, device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+        for chunk in self.model:
+            for param in chunk.parameters():
+                grad = getattr(param, "main_grad", None)
+                grad = param.grad if grad is None else grad
+                if grad is not None and not torch.isfinite(grad).all():
+                    bad += 1
+                    break
+        dist.all_reduce(bad)
+        return bad.item() == 0
 
     def train_step(self, dataset, iteration: int) -> StepResult:
         """One optimizer step on the global batch of 0-based ``iteration``."""
@@ -166,12 +192,14 @@ class Engine:
         # every rank learns the global loss: reporters contribute, the rest add zeros
         dist.all_reduce(totals)
         loss = (totals[0] / totals[1].clamp(min=1)).item()
-        skipped = not math.isfinite(loss)
+        # Megatron's fp32/bf16 optimizers apply the update whatever the grad norm, so a
+        # non-finite loss or gradient is caught here, before the step.
+        skipped = not math.isfinite(loss) or not self._grads_finite()
         grad_norm = float("nan")
         if not skipped:
             updated, grad_norm, _ = self.optimizer.step()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            skipped = not updated or not math.isfinite(grad_norm)
+            skipped = not updated  # fp16 loss-scaler overflow
         if not skipped:
             self.scheduler.step(increment=t.global_batch_size)
         return StepResult(

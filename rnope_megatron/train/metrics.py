@@ -18,15 +18,15 @@ def _fmt_time(seconds: float) -> str:
 class MetricsLogger:
     """Writes one record per logged iteration (rank 0 only does I/O)."""
 
-    def __init__(self, run_dir, total_iters: int, flops_per_token: float, world_size: int,
-                 peak_tflops: float | None, tensorboard: bool, active: bool):
+    def __init__(self, run_dir, total_iters: int, start_iteration: int, flops_per_token: float,
+                 world_size: int, peak_tflops: float | None, tensorboard: bool, active: bool):
         self.active = active
         self.total = total_iters
         self.flops_per_token = flops_per_token
         self.world_size = world_size
         self.peak_tflops = peak_tflops
         self.start = time.time()
-        self.start_iteration = None
+        self.start_iteration = start_iteration
         self.window_start = time.time()
         self.window_tokens = 0
         self.writer = None
@@ -55,8 +55,6 @@ class MetricsLogger:
 
     def log(self, iteration: int, loss: float, lr: float, grad_norm: float, skipped: bool) -> dict:
         now = time.time()
-        if self.start_iteration is None:
-            self.start_iteration = iteration - 1
         elapsed_window = max(now - self.window_start, 1e-9)
         tokens_per_s = self.window_tokens / elapsed_window
         tflops = tokens_per_s * self.flops_per_token / 1e12 / self.world_size

@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 
-from rnope_megatron.config import ParallelLayout, RNoPEConfig
+from rnope_megatron.config import ParallelLayout, RNoPEConfig  # noqa: F401  (type hints)
 
 
 class RecipeError(ValueError):
@@ -49,6 +49,9 @@ class TrainSection:
     """Iterations with a NaN/Inf loss or grad norm that may be skipped before stopping."""
     recompute: Optional[Literal["selective", "full"]] = None
     """Megatron activation recomputation granularity."""
+    fusions: Optional[bool] = None
+    """Megatron's CUDA fusions (RoPE, SwiGLU, bias-dropout-add; weight-gradient
+    accumulation with te). None = on when CUDA is available."""
     layout_invariant_init: bool = False
     """Initialise weights from full tensors keyed by name (identical for every TP/PP/VPP
     layout; costs a full-size tensor per weight on each rank: small models only)."""
@@ -81,6 +84,8 @@ class SchedulerSection:
     decay_style: Literal["cosine", "linear", "constant", "WSD", "inverse-square-root"] = "cosine"
     decay_iters: Optional[int] = None
     """Iterations over which the LR decays (None = train.iters)."""
+    wsd_decay_iters: Optional[int] = None
+    """WSD only: length of the final decay phase (None = 10% of the decay iterations)."""
 
 
 @dataclasses.dataclass
@@ -265,18 +270,7 @@ def recipe_from_dict(raw: dict) -> Recipe:
             raise RecipeError(f"unknown section {key!r} (known: {', '.join(sections)})")
     built = {}
     for name in sections:
-        cls = hints[name]
-        values = raw.get(name) or {}
-        if cls is RNoPEConfig:
-            if not isinstance(values, dict):
-                raise RecipeError(f"model: expected a mapping, got {values!r}")
-            try:
-                built[name] = RNoPEConfig.from_dict(values)
-            except (ValueError, TypeError) as err:
-                message = str(err)
-                raise RecipeError(message if "model." in message else f"model: {message}") from None
-        else:
-            built[name] = _build_section(cls, values, name)
+        built[name] = _build_section(hints[name], raw.get(name) or {}, name)
     return Recipe(**built)
 
 
@@ -320,6 +314,11 @@ def validate(recipe: Recipe, world_size: Optional[int] = None) -> None:
     if m.query_groups % p.tensor and p.tensor % m.query_groups:
         raise RecipeError(
             f"model.num_query_groups={m.query_groups} and parallel.tensor={p.tensor}: one must divide the other"
+        )
+    if m.vocab_size % p.tensor:
+        raise RecipeError(
+            f"model.vocab_size={m.vocab_size} is not divisible by parallel.tensor={p.tensor} "
+            "(pad the vocabulary, e.g. to a multiple of 128)"
         )
     if m.ffn_size % p.tensor:
         raise RecipeError(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tensor={p.tensor}")
