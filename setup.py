@@ -29,6 +29,8 @@ setup(
         "console_scripts": [
             "rnope-train = rnope_megatron.train.__main__:main",
             "rnope-preprocess = rnope_megatron.preprocess:main",
+            "rnope-convert = rnope_megatron.convert.__main__:main",
+            "rnope-eval = rnope_megatron.eval:main",
         ]
     },
     classifiers=["Programming Language :: Python :: 3.12"],

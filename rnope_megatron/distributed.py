@@ -33,10 +33,12 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234, rank: int | No
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if world_size > 1:
-                raise RuntimeError("MASTER_PORT is not set: launch multi-process runs with torchrun")
+        if world_size == 1:
+            # A lone process needs no rendezvous port of anyone else's: a MASTER_PORT
+            # inherited from a parent job would collide with the parent's store.
             os.environ["MASTER_PORT"] = str(_free_port())
+        elif "MASTER_PORT" not in os.environ:
+            raise RuntimeError("MASTER_PORT is not set: launch multi-process runs with torchrun")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank,

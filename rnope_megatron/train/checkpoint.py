@@ -98,6 +98,15 @@ def _sharded_state(engine, is_loading: bool, with_optimizer: bool, rng: dict | N
 def save(engine, directory, iteration: int, keep: int) -> pathlib.Path:
     """Save model, optimizer, scheduler, RNG and the iteration (which fixes the data
     position: batches are a pure function of it)."""
+    state = _sharded_state(engine, is_loading=False, with_optimizer=True, rng=_rng_state())
+    state["scheduler"] = engine.scheduler.state_dict()
+    # the whole recipe, so tools (rnope-convert, rnope-eval) can rebuild the model
+    state["recipe"] = engine.recipe.to_dict()
+    return save_state(state, directory, iteration, keep)
+
+
+def save_state(state: dict, directory, iteration: int, keep: int) -> pathlib.Path:
+    """Write a sharded state dict as ``iter_N`` (atomically, see module docstring)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
@@ -110,8 +119,6 @@ def save(engine, directory, iteration: int, keep: int) -> pathlib.Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    state = _sharded_state(engine, is_loading=False, with_optimizer=True, rng=_rng_state())
-    state["scheduler"] = engine.scheduler.state_dict()
     state["train_state"] = {"iteration": iteration, "layout": _layout()}
     dist_checkpointing.save(state, str(tmp), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
     dist.barrier()
@@ -147,7 +154,11 @@ def load(engine, path, weights_only: bool = False) -> dict:
         raise FileNotFoundError(f"{path} is not a dist-checkpointing checkpoint (no metadata.json)")
     # RNG streams belong to (pp, tp) positions: they restore only into the same layout.
     # Model and optimizer reshard; with dropout off the RNG does not affect training.
-    saved = dist_checkpointing.load_common_state_dict(str(path)).get("train_state") or {}
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    if not weights_only and "optimizer" not in common:
+        raise ValueError(f"{path} holds weights only (e.g. from rnope-convert from-hf): "
+                         "set checkpoint.reset_optimizer=true")
+    saved = common.get("train_state") or {}
     same_layout = saved.get("layout") == _layout()
     state = _sharded_state(engine, is_loading=True, with_optimizer=not weights_only, rng=None,
                            with_rng=same_layout)
