@@ -20,7 +20,7 @@ setup(
     extras_require={
         # GPU clusters: Megatron's TE wrappers (fused attention, sliding windows, FP8).
         "te": ["transformer-engine[pytorch]>=2.0"],
-        # Hugging Face conversion and parity tests.
+        # Hugging Face conversion (rnope-convert) and its parity tests.
         "hf": ["transformers>=5.0", "safetensors"],
         "modelopt": ["nvidia-modelopt"],
         "dev": ["pytest>=8", "psutil", "matplotlib", "tensorboard"],
