@@ -113,6 +113,13 @@ def test_round_trip_export_eval_and_transformers_load(megatron_single, tmp_path,
         assert torch.equal(original[key], back[key]), key  # bit-exact round trip
     config = json.loads((tmp_path / "hf2" / "config.json").read_text())
     assert config["layer_types"] == hf_model.config.layer_types
+    # the exported model's logits equal our checkpoint's
+    from rnope_megatron.eval import load_model
+
+    _, ours = load_model(tmp_path / "mg")
+    probe = _ids(hf_model.config.vocab_size, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(probe).logits, ours(probe, torch.arange(SEQ).expand(2, -1), None), **TOL)
     # rnope-eval loss on the Megatron checkpoint == transformers' loss on the same ids
     ids = _ids(hf_model.config.vocab_size, seed=3)
     (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
@@ -214,3 +221,30 @@ def test_cli_refuses_non_empty_output_and_truncated_input(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     out = run_cli("-m", "rnope_megatron.convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "out"), check=False)
     assert out.returncode != 0 and "not a readable safetensors file" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("arch, interleaved", [("cohere2", False), ("smollm3", True)])
+def test_export_across_rope_layouts_permutes_q_and_k(megatron_single, arch, interleaved):
+    """A model trained with the other RoPE layout exports with q/k rows permuted per head:
+    transformers' logits still equal ours."""
+    from rnope_megatron.config import RNoPEConfig
+    from rnope_megatron.weights import fill_from_global, seeded_full_tensor
+
+    cohere = arch == "cohere2"
+    cfg = RNoPEConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+                      vocab_size=128, max_seq_length=128, window=8, pattern="SSSG", rotary_interleaved=interleaved,
+                      block="parallel" if cohere else "sequential", normalization="LayerNorm" if cohere else "RMSNorm",
+                      norm_eps=1e-5, logit_scale=0.5 if cohere else 1.0)
+    ours = build_model(cfg, cfg.to_transformer_config()).eval()
+    fill_from_global(ours, seeded_full_tensor(seed=5, std=0.08))
+    hf_cfg = hf_config.to_hf(cfg, arch)
+    config_cls = Cohere2Config if cohere else SmolLM3Config
+    hf_model = (Cohere2ForCausalLM if cohere else SmolLM3ForCausalLM)(config_cls(**dict(hf_cfg, pad_token_id=0))).eval()
+    state = {k: v for k, v in ours.state_dict().items() if not k.endswith("_extra_state")}
+    result = hf_model.load_state_dict(tables.megatron_to_hf(arch, cfg, state), strict=False)
+    assert set(result.missing_keys) <= {"lm_head.weight"} and not result.unexpected_keys  # tied head
+    ids = _ids(cfg.vocab_size, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, ours(ids, torch.arange(SEQ).expand(2, -1), None), **TOL)
+    back = tables.hf_to_megatron(arch, cfg, tables.megatron_to_hf(arch, cfg, state))
+    assert all(torch.equal(back[k], state[k]) for k in back)  # the permutation inverts exactly

@@ -82,11 +82,12 @@ def to_hf(ckpt: str, out: str, arch: str | None, dtype: str, force: bool, shard_
             weight_map.update({k: name for k in shard})
             shard, shard_bytes = {}, 0
 
+    order = tables.rope_order(arch, cfg)
     for group in groups:
         loaded = reader.load([name for _, _, name in group])
         for rule, hf_names, name in group:
             _, to_hf_fn = tables.TRANSFORMS[rule.transform]
-            for hf_name, tensor in zip(hf_names, to_hf_fn(cfg, loaded[name])):
+            for hf_name, tensor in zip(hf_names, to_hf_fn(cfg, loaded[name], order=order)):
                 tensor = tensor.to(DTYPES[dtype]).contiguous()
                 shard[hf_name] = tensor
                 size = tensor.numel() * tensor.element_size()

@@ -102,14 +102,10 @@ def to_hf(cfg: RNoPEConfig, arch: str) -> dict:
             raise ValueError("cohere2 needs block=parallel and normalization=LayerNorm")
         if any(c not in "SG" for c in pattern.layers):
             raise ValueError("cohere2 applies RoPE exactly on sliding layers: the pattern may only use S and G")
-        if not cfg.rotary_interleaved:
-            raise ValueError("cohere2 rotates interleaved pairs; this model uses rotate-half")
         return dict(common, model_type="cohere2", architectures=["Cohere2ForCausalLM"],
                     layer_norm_eps=cfg.norm_eps, logit_scale=cfg.logit_scale, use_qk_norm=False)
     if cfg.block != "sequential" or cfg.normalization != "RMSNorm":
         raise ValueError("smollm3 needs block=sequential and normalization=RMSNorm")
-    if cfg.rotary_interleaved:
-        raise ValueError("smollm3 rotates halves; this model uses interleaved RoPE")
     if cfg.logit_scale != 1.0:
         raise ValueError("smollm3 has no logit scale")
     return dict(common, model_type="smollm3", architectures=["SmolLM3ForCausalLM"], rms_norm_eps=cfg.norm_eps,
