@@ -248,3 +248,14 @@ def test_export_across_rope_layouts_permutes_q_and_k(megatron_single, arch, inte
         torch.testing.assert_close(hf_model(ids).logits, ours(ids, torch.arange(SEQ).expand(2, -1), None), **TOL)
     back = tables.hf_to_megatron(arch, cfg, tables.megatron_to_hf(arch, cfg, state))
     assert all(torch.equal(back[k], state[k]) for k in back)  # the permutation inverts exactly
+
+
+def test_weights_not_matching_config_fail_in_one_line(tmp_path):
+    hf_model = cohere2()
+    hf_model.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["intermediate_size"] = 128  # the weights say 96
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    out = run_cli("-m", "rnope_megatron.convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "out"), check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("rnope-convert: ")

@@ -189,8 +189,9 @@ def main(argv=None) -> None:
             to_hf(args.checkpoint, args.out_dir, args.arch, args.dtype, args.force, args.shard_mb)
         else:
             from_hf(args.hf_dir, args.out_dir, args.force)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        raise SystemExit(f"rnope-convert: {err}") from None
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
+        # e.g. weights whose shapes do not match config.json: one line, no traceback
+        raise SystemExit(f"rnope-convert: {str(err).splitlines()[0]}") from None
 
 
 if __name__ == "__main__":
