@@ -121,15 +121,11 @@ class RNoPEConfig:
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "model") -> "RNoPEConfig":
-        """Build from a mapping (e.g. a YAML ``model:`` section); an unknown key is an
-        error naming its path (``model.hiden_size``)."""
-        if not isinstance(values, dict):
-            raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown key {where}.{unknown[0]} (known: {', '.join(sorted(known))})")
-        return cls(**values)
+        """Build from a mapping (e.g. a YAML ``model:`` section); unknown keys and wrong
+        types are errors naming their path (``model.hiden_size``)."""
+        from rnope_megatron.typed import build_dataclass
+
+        return build_dataclass(cls, values, where)
 
     @classmethod
     def from_yaml(cls, path) -> "RNoPEConfig":

@@ -16,7 +16,8 @@ from rnope_megatron.compat import cpu as cpu_compat
 from rnope_megatron.config import ParallelLayout
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """An unused local TCP port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -36,7 +37,7 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234, rank: int | No
         if world_size == 1:
             # A lone process needs no rendezvous port of anyone else's: a MASTER_PORT
             # inherited from a parent job would collide with the parent's store.
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
         elif "MASTER_PORT" not in os.environ:
             raise RuntimeError("MASTER_PORT is not set: launch multi-process runs with torchrun")
         if torch.cuda.is_available():

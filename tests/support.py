@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import torch
@@ -11,13 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rnope_megatron.config import ParallelLayout, RNoPEConfig
-from rnope_megatron.distributed import initialize_parallel
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from rnope_megatron.distributed import free_port, initialize_parallel  # noqa: F401  (re-exported for tests)
 
 
 def init_megatron(rank: int, world_size: int, port: int, layout: ParallelLayout, seed: int = 1234):

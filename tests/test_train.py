@@ -6,7 +6,6 @@ Tolerances: parallel layouts vs one process 2e-4 absolute on per-iteration losse
 bit-exact (==)."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess

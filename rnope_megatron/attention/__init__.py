@@ -5,3 +5,5 @@ from rnope_megatron.attention.sliding_window import (  # noqa: F401
     sliding_window_attention,
     sliding_window_mask,
 )
+
+__all__ = ["causal_attention", "sliding_window_attention", "sliding_window_mask"]

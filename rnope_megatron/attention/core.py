@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import is_layer_window_attention

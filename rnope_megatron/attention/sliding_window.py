@@ -171,7 +171,7 @@ def flex_attention_available(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     try:
-        import torch.nn.attention.flex_attention  # noqa: F401
+        import torch.nn.attention.flex_attention  # noqa: F401  (availability check)
     except ImportError:
         return False
     return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import sys
 
@@ -71,10 +72,8 @@ def run(recipe) -> dict:
             mode = "weights only" if recipe.checkpoint.reset_optimizer else "full state"
             print(f"initialised from {source} ({mode}) at iteration {start_iteration}", flush=True)
 
-    cache = recipe.data.cache_dir or str(recipe.run_dir / "data")
-    import pathlib
-
-    dataset = build_dataset(recipe, pathlib.Path(cache), t.iters * t.global_batch_size)
+    cache = pathlib.Path(recipe.data.cache_dir or recipe.run_dir / "data")
+    dataset = build_dataset(recipe, cache, t.iters * t.global_batch_size)
     logger = MetricsLogger(
         recipe.run_dir, t.iters, start_iteration, training_flops_per_token(recipe.model, t.seq_length), world_size,
         recipe.logging.peak_tflops, recipe.logging.tensorboard, active=rank0,

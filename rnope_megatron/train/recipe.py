@@ -13,15 +13,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pathlib
-from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Optional, get_type_hints
 
 import yaml
 
 from rnope_megatron.config import ParallelLayout, RNoPEConfig  # noqa: F401  (type hints)
+from rnope_megatron.typed import ConfigError, build_dataclass
 
 
-class RecipeError(ValueError):
-    """A recipe problem; the message names the field."""
+# A recipe problem; the message names the field.
+RecipeError = ConfigError
 
 
 @dataclasses.dataclass
@@ -165,50 +166,6 @@ class Recipe:
 
 # --------------------------------------------------------------------------- loading
 
-def _check_value(path: str, value: Any, annotation) -> Any:
-    """Type-check one leaf against its annotation; ints are accepted for floats."""
-    origin = get_origin(annotation)
-    if origin is Literal:
-        if value not in get_args(annotation):
-            raise RecipeError(f"{path}: {value!r} is not one of {list(get_args(annotation))}")
-        return value
-    if origin is not None and type(None) in get_args(annotation):  # Optional[X]
-        if value is None:
-            return None
-        inner = [a for a in get_args(annotation) if a is not type(None)][0]
-        return _check_value(path, value, inner)
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if annotation in (int, float, str, bool) and not (
-        isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
-    ):
-        raise RecipeError(f"{path}: expected {annotation.__name__}, got {value!r}")
-    if annotation is list and not isinstance(value, list):
-        raise RecipeError(f"{path}: expected a list, got {value!r}")
-    return value
-
-
-def _build_section(cls, values: dict, path: str):
-    if not isinstance(values, dict):
-        raise RecipeError(f"{path}: expected a mapping, got {values!r}")
-    hints = get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    for key in values:
-        if key not in fields:
-            raise RecipeError(f"unknown key {path}.{key} (known: {', '.join(sorted(fields))})")
-    checked = {key: _check_value(f"{path}.{key}", value, hints[key]) for key, value in values.items()}
-    try:
-        return cls(**checked)
-    except ValueError as err:  # the section's own validation (e.g. RNoPEConfig)
-        message = str(err)
-        raise RecipeError(message if message.startswith(path) else f"{path}: {message}") from None
-
-
 def _merge(base: dict, override: dict) -> dict:
     merged = copy.deepcopy(base)
     for key, value in override.items():
@@ -270,7 +227,7 @@ def recipe_from_dict(raw: dict) -> Recipe:
             raise RecipeError(f"unknown section {key!r} (known: {', '.join(sections)})")
     built = {}
     for name in sections:
-        built[name] = _build_section(hints[name], raw.get(name) or {}, name)
+        built[name] = build_dataclass(hints[name], raw.get(name) or {}, name)
     return Recipe(**built)
 
 
