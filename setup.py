@@ -10,6 +10,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["rnope_megatron", "rnope_megatron.*"]),
+    # The CPU sliding-window kernel is compiled from source on first use (native_cpu.py).
+    package_data={"rnope_megatron.attention": ["csrc/*.cpp"]},
     python_requires=">=3.12",
     install_requires=[
         "megatron-core>=0.19,<0.20",

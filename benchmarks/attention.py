@@ -6,9 +6,10 @@ puts the measured speed ratio next to the FLOP ratio (key visits of causal globa
 attention over sliding-window attention at the same L, counted exactly:
 L(L+1)/2  over  W·L − W(W−1)/2, ≈ L/2W). Two sweeps: fixed W, and fixed L/W.
 
-Each measurement runs in a fresh subprocess so that its peak-RSS growth is its own
-(CPU); on CUDA, torch.cuda.max_memory_allocated is used. Ratios are taken inside one run;
-absolute times on shared machines are noise.
+Peak memory is measured in a fresh subprocess per kernel so that its peak-RSS growth is
+its own (CPU); on CUDA, torch.cuda.max_memory_allocated is used. Times come from one
+subprocess per row that alternates the two kernels (best of --repeats after a warm-up),
+so the ratio is taken under one machine load; absolute times on shared machines are noise.
 
     python benchmarks/attention.py                 # table
     python benchmarks/attention.py --json          # JSON list of rows
@@ -27,7 +28,7 @@ import sys
 import time
 
 ROW_KEYS = ("sweep", "seq_len", "window", "swa_ms", "global_ms", "measured_ratio", "flop_ratio",
-            "fraction_of_flop_ratio", "swa_peak_mb", "global_peak_mb")
+            "fraction_of_flop_ratio", "swa_peak_mb", "global_peak_mb", "swa_kernel")
 
 
 def flop_ratio(seq: int, window: int) -> float:
@@ -42,9 +43,13 @@ def _rss_mb() -> float:
 
 
 def _worker(spec: dict) -> dict:
-    """Time one kernel (fwd+bwd) and measure its peak memory growth; runs in a subprocess."""
+    """Runs in a subprocess. ``mode="memory"``: peak memory growth of one kernel's first
+    fwd+bwd (``window=0`` is the global layer). ``mode="time"``: fwd+bwd times of the
+    sliding-window and the global kernel, alternated after one warm-up call each, so that
+    both see the same machine load (timings on shared machines drift by 2x)."""
     import torch
 
+    from rnope_megatron.attention.native_cpu import native_kernel_usable
     from rnope_megatron.attention.sliding_window import causal_attention, sliding_window_attention
 
     device = torch.device(spec["device"])
@@ -56,38 +61,44 @@ def _worker(spec: dict) -> dict:
         for _ in range(3)
     )
     window = spec["window"]
-    if window:
-        run = lambda: sliding_window_attention(q, k, v, window)  # noqa: E731
-    else:
-        run = lambda: causal_attention(q, k, v)  # noqa: E731
+    if device.type != "cpu":
+        kernel = "flex"
+    else:  # also builds/loads the native kernel before any measurement
+        kernel = "native" if native_kernel_usable(dtype) else "sdpa-blocked"
 
-    def step():
-        out = run()
+    def step(window):
+        start = time.perf_counter()
+        out = sliding_window_attention(q, k, v, window) if window else causal_attention(q, k, v)
         out.backward(torch.ones_like(out))
         q.grad = k.grad = v.grad = None
         if device.type == "cuda":
             torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
 
-    if device.type == "cuda":
-        step()  # compile / autotune outside the measurement
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        base = _rss_mb()
-        step()  # first call: its RSS high-water mark is this kernel's peak
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    times = []
+    if spec["mode"] == "memory":
+        if device.type == "cuda":
+            step(window)  # compile / autotune outside the measurement
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step(window)
+            peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            base = _rss_mb()
+            step(window)  # first call: its RSS high-water mark is this kernel's peak
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        return {"peak_mb": max(peak_mb, 0.0), "kernel": kernel}
+    step(window), step(0)  # warm-up: allocator, page faults, compilation
+    swa, glob = [], []
     for _ in range(spec["repeats"]):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"ms": min(times), "median_ms": statistics.median(times), "peak_mb": max(peak_mb, 0.0)}
+        swa.append(step(window))
+        glob.append(step(0))
+    return {"swa_ms": min(swa), "global_ms": min(glob), "swa_median_ms": statistics.median(swa),
+            "global_median_ms": statistics.median(glob), "kernel": kernel}
 
 
-def measure(spec: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+def measure(spec: dict, cpu_kernel: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+               RNOPE_SWA_CPU_KERNEL=cpu_kernel)
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(spec)],
         capture_output=True, text=True, env=env,
@@ -102,21 +113,23 @@ def run(args) -> list[dict]:
                 repeats=args.repeats)
     plan = [("fixed_window", L, args.window) for L in args.seq_lens]
     plan += [("fixed_ratio", L, max(1, L // args.ratio)) for L in args.seq_lens]
-    global_cache: dict[int, dict] = {}
+    memory_cache: dict[int, dict] = {}
     rows = []
     total = len(plan)
     started = time.time()
     for index, (sweep, seq, window) in enumerate(plan, start=1):
-        if seq not in global_cache:  # the global layer does not depend on W
-            global_cache[seq] = measure(dict(base, seq_len=seq, window=0))
-        swa = measure(dict(base, seq_len=seq, window=window))
-        glob = global_cache[seq]
-        ratio, flops = glob["ms"] / swa["ms"], flop_ratio(seq, window)
+        if seq not in memory_cache:  # the global layer does not depend on W
+            memory_cache[seq] = measure(dict(base, mode="memory", seq_len=seq, window=0), args.cpu_kernel)
+        swa_memory = measure(dict(base, mode="memory", seq_len=seq, window=window), args.cpu_kernel)
+        timing = measure(dict(base, mode="time", seq_len=seq, window=window), args.cpu_kernel)
+        ratio, flops = timing["global_ms"] / timing["swa_ms"], flop_ratio(seq, window)
         rows.append(dict(
-            sweep=sweep, seq_len=seq, window=window, swa_ms=round(swa["ms"], 2),
-            global_ms=round(glob["ms"], 2), measured_ratio=round(ratio, 3),
+            sweep=sweep, seq_len=seq, window=window, swa_ms=round(timing["swa_ms"], 2),
+            global_ms=round(timing["global_ms"], 2), measured_ratio=round(ratio, 3),
             flop_ratio=round(flops, 3), fraction_of_flop_ratio=round(ratio / flops, 3),
-            swa_peak_mb=round(swa["peak_mb"], 1), global_peak_mb=round(glob["peak_mb"], 1),
+            swa_peak_mb=round(swa_memory["peak_mb"], 1),
+            global_peak_mb=round(memory_cache[seq]["peak_mb"], 1),
+            swa_kernel=timing["kernel"],
         ))
         if not args.json:
             elapsed = time.time() - started
@@ -127,8 +140,9 @@ def run(args) -> list[dict]:
 
 
 def print_table(rows, args) -> None:
+    kernels = sorted({r["swa_kernel"] for r in rows})
     print(f"portable attention, fwd+bwd, 1 x {args.heads} heads x d{args.head_dim}, {args.dtype}, "
-          f"{args.device}, best of {args.repeats}")
+          f"{args.device}, best of {args.repeats}; sliding-window kernel: {', '.join(kernels)}")
     head = f"{'sweep':<13}{'L':>7}{'W':>6}{'SWA ms':>10}{'global ms':>11}{'measured':>10}" \
            f"{'FLOP':>8}{'fraction':>10}{'SWA MB':>9}{'global MB':>11}"
     print(head)
@@ -139,9 +153,8 @@ def print_table(rows, args) -> None:
               f"{r['swa_peak_mb']:>9.1f}{r['global_peak_mb']:>11.1f}")
     goal = [r for r in rows if r["sweep"] == "fixed_ratio"]
     if goal:
-        r = goal[-1]
-        print(f"\nat L/W={args.ratio}, L={r['seq_len']}: {r['fraction_of_flop_ratio']:.2f} x the FLOP ratio "
-              f"(goal >= 0.8)")
+        fractions = ", ".join(f"L={r['seq_len']}: {r['fraction_of_flop_ratio']:.2f}" for r in goal)
+        print(f"\nat L/W={args.ratio}, fraction of the FLOP ratio (goal >= 0.8): {fractions}")
 
 
 def write_png(rows, path: str, args) -> None:
@@ -179,6 +192,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cpu-kernel", default="auto", choices=["auto", "native", "sdpa"],
+                        help="CPU sliding-window kernel (RNOPE_SWA_CPU_KERNEL)")
     parser.add_argument("--json", action="store_true", help="print one JSON list of rows")
     parser.add_argument("--png", help="write a plot to this path")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -1,5 +1,8 @@
 """Portable attention kernels against a dense float64 masked reference (the oracle).
 
+Both CPU sliding-window paths run every case: the native banded kernel and the
+pure-torch blocked-SDPA path (``cpu_kernel`` fixture; each run makes the other path
+raise, so a case cannot silently pass through the wrong one).
 Tolerances: float64 inputs 1e-6 (torch's CPU flash kernel uses a ~20-bit exp on its
 causal path, measured ~1e-7); float32 inputs 2e-5."""
 
@@ -9,6 +12,7 @@ import warnings
 import pytest
 import torch
 
+from rnope_megatron.attention import native_cpu, sliding_window
 from rnope_megatron.attention.sliding_window import (
     causal_attention,
     query_tile,
@@ -35,6 +39,21 @@ def _inputs(seq, heads, groups, dim=16, dtype=torch.float64, seed=0):
     return make(heads), make(groups), make(groups)
 
 
+@pytest.fixture(params=["native", "sdpa"])
+def cpu_kernel(request, monkeypatch):
+    """Run the test on one CPU kernel; the other one raises if reached."""
+    monkeypatch.setenv("RNOPE_SWA_CPU_KERNEL", request.param)
+
+    def unexpected(*args, **kwargs):
+        raise AssertionError(f"RNOPE_SWA_CPU_KERNEL={request.param} took the other path")
+
+    if request.param == "native":
+        monkeypatch.setattr(sliding_window._BlockedSlidingWindowCPU, "apply", unexpected)
+    else:
+        monkeypatch.setattr(sliding_window, "sliding_window_cpu", unexpected)
+    return request.param
+
+
 def _grads(out, inputs, grad_out):
     grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
@@ -59,7 +78,7 @@ CASES = [
 
 @pytest.mark.parametrize("seq, window, heads, groups", CASES)
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-6), (torch.float32, 2e-5)])
-def test_matches_dense_reference_forward_and_gradients(seq, window, heads, groups, dtype, tol):
+def test_matches_dense_reference_forward_and_gradients(seq, window, heads, groups, dtype, tol, cpu_kernel):
     q, k, v = _inputs(seq, heads, groups, dtype=dtype)
     out = sliding_window_attention(q, k, v, window)
     ref_inputs = [x.detach().double().requires_grad_() for x in (q, k, v)]
@@ -71,7 +90,7 @@ def test_matches_dense_reference_forward_and_gradients(seq, window, heads, group
         torch.testing.assert_close(ours.double(), theirs, atol=tol * 5, rtol=0)
 
 
-def test_window_actually_restricts():
+def test_window_actually_restricts(cpu_kernel):
     """Changing a key outside every window leaves outputs unchanged; inside changes them."""
     q, k, v = (x.detach() for x in _inputs(64, 2, 2))
     base = sliding_window_attention(q, k, v, 8)

@@ -3,7 +3,13 @@
 Window semantics follow Hugging Face: with ``window=W`` query ``i`` sees key ``j`` iff
 ``i - W < j <= i`` (W keys, the current one included).
 
-CPU: queries are cut into tiles of ``Bq < W`` tokens. A tile starting at ``a`` sees keys
+CPU, float32/float64: a native banded kernel (``native_cpu.py`` builds
+``csrc/sliding_window_cpu.cpp`` on first use) walks exactly the band of each query block,
+flash-style, forward and backward. It is the default; ``RNOPE_SWA_CPU_KERNEL=sdpa``
+selects the pure-torch path below, which is also the fallback when no compiler is found
+and the path for other dtypes (bf16).
+
+CPU, pure torch: queries are cut into tiles of ``Bq < W`` tokens. A tile starting at ``a`` sees keys
 ``[a-W+1, a+Bq)``, which splits into two calls of torch's fused CPU flash kernel:
 
 * the tile against itself, a plain causal block (``is_causal=True``, no mask);
@@ -30,6 +36,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
+from rnope_megatron.attention.native_cpu import native_kernel_usable, sliding_window_cpu
 
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -227,6 +235,8 @@ def sliding_window_attention(
         k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
         if window == 1:  # every query sees only itself
             return v.clone()
+        if native_kernel_usable(q.dtype):
+            return sliding_window_cpu(q, k, v, window, scale)
         tile = query_tile(window)
         prefix = -(-(window - 1) // tile) * tile
         pad = prefix - seq if seq <= prefix else (-(seq - prefix)) % tile

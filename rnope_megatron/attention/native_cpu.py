@@ -1,0 +1,177 @@
+"""Build, load and call the banded CPU attention kernel (``csrc/sliding_window_cpu.cpp``).
+
+The kernel is compiled on first use with the machine's C++ compiler against the installed
+torch (no ninja, no Python headers: it registers plain ``torch.ops.rnope.*`` operators and
+is loaded with ``torch.ops.load_library``). The shared object is cached under
+``$RNOPE_KERNEL_CACHE`` (default ``~/.cache/rnope_megatron``), keyed by the source, the
+compiler flags and the torch version; concurrent processes (torchrun, spawned tests) wait
+on a file lock while one of them builds.
+
+Selection (``RNOPE_SWA_CPU_KERNEL``): ``auto`` (default: the native kernel when it builds
+and the dtype is float32/float64, else the pure-torch blocked-SDPA path), ``native``
+(fail loudly if it cannot build), ``sdpa`` (never build or use it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "sliding_window_cpu.cpp"
+KERNEL_DTYPES = (torch.float32, torch.float64)
+_CHOICES = ("auto", "native", "sdpa")
+
+
+class KernelBuildError(RuntimeError):
+    """The native CPU kernel could not be compiled or loaded; the message has the log."""
+
+
+def kernel_choice() -> str:
+    """The ``RNOPE_SWA_CPU_KERNEL`` setting, validated."""
+    choice = os.environ.get("RNOPE_SWA_CPU_KERNEL", "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"RNOPE_SWA_CPU_KERNEL must be one of {_CHOICES}, got {choice!r}")
+    return choice
+
+
+def _vector_flags() -> list[str]:
+    # AVX2+FMA covers every x86 server of the last decade; AVX-512 buys little for a
+    # kernel whose GEMMs are MKL's anyway. Elsewhere at::vec's portable code is used.
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def _compile_command(output: Path) -> list[str]:
+    # The paths torch.utils.cpp_extension would use, without importing it (its import
+    # warns about CUDA_HOME on CPU machines).
+    root = Path(torch.__file__).parent
+    include_paths = [root / "include", root / "include" / "torch" / "csrc" / "api" / "include"]
+    libs = [root / "lib"]
+    compiler = os.environ.get("CXX", "c++")
+    return [
+        compiler, "-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *_vector_flags(),
+        *(f"-I{p}" for p in include_paths),
+        str(SOURCE), "-o", str(output),
+        *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs),
+        "-ltorch", "-ltorch_cpu", "-lc10",
+    ]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("RNOPE_KERNEL_CACHE", Path.home() / ".cache" / "rnope_megatron"))
+
+
+def library_path() -> Path:
+    """Where the shared object for this source, these flags and this torch lives."""
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(" ".join(_compile_command(Path("x"))).encode())
+    key.update(torch.__version__.encode())
+    return _cache_dir() / f"sliding_window_cpu-{key.hexdigest()[:16]}.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the kernel unless the cache has it; returns the shared object's path."""
+    target = library_path()
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    compiler = _compile_command(target)[0]
+    if shutil.which(compiler) is None:
+        raise KernelBuildError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait, then reuse
+        if target.exists():
+            return target
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        command = _compile_command(partial)
+        if verbose:
+            print(" ".join(command), file=sys.stderr)
+        print("rnope-megatron: compiling the CPU sliding-window kernel (once per machine, "
+              "~1 min)...", file=sys.stderr, flush=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise KernelBuildError(
+                f"compiling {SOURCE.name} failed ({done.returncode}):\n{done.stderr[-4000:]}"
+            )
+        os.replace(partial, target)  # atomic: a reader never sees half a library
+    return target
+
+
+@functools.cache
+def _load() -> bool:
+    """Build and load the operators once per process; False (with one warning) on failure
+    under ``auto``, an exception under ``native``."""
+    try:
+        torch.ops.load_library(str(build()))
+        return True
+    except (KernelBuildError, OSError, RuntimeError) as err:
+        if kernel_choice() == "native":
+            raise
+        warnings.warn(
+            f"rnope-megatron: native CPU sliding-window kernel unavailable, using the slower "
+            f"blocked-SDPA path ({str(err).splitlines()[0]})", stacklevel=3,
+        )
+        return False
+
+
+def native_kernel_usable(dtype: torch.dtype) -> bool:
+    """Whether :func:`sliding_window_cpu` will run for tensors of ``dtype``."""
+    choice = kernel_choice()
+    if choice == "sdpa":
+        return False
+    if dtype not in KERNEL_DTYPES:
+        if choice == "native":
+            raise ValueError(f"the native CPU kernel supports {KERNEL_DTYPES}, got {dtype}")
+        return False
+    return _load()
+
+
+def block_sizes(window: int) -> tuple[int, int]:
+    """(query block, largest key chunk). A query block of Bq costs Bq/2 masked key visits
+    per row on top of W, so small windows get small blocks; 64 rows keep the GEMMs
+    efficient once W >= 256. Chunks of up to 512 keys keep a block's scores in L2."""
+    return max(8, min(64, window // 4)), 512
+
+
+class SlidingWindowCPU(torch.autograd.Function):
+    """Exact sliding-window attention on the native kernel; q, k, v are [BH, L, D],
+    contiguous, one dtype in :data:`KERNEL_DTYPES`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window: int, scale: float):
+        block_q, chunk = block_sizes(window)
+        out, lse = torch.ops.rnope.sliding_window_cpu_forward(q, k, v, window, scale, block_q, chunk)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (window, scale, block_q, chunk)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.rnope.sliding_window_cpu_backward(
+            grad_out.contiguous(), q, k, v, out, lse, *ctx.args
+        )
+        return dq, dk, dv, None, None
+
+
+def sliding_window_cpu(q, k, v, window: int, scale: float) -> torch.Tensor:
+    """[B, H, L, D] q, k, v with equal head counts → [B, H, L, D] output."""
+    if not _load():
+        raise KernelBuildError("the native CPU sliding-window kernel did not build (see the warning)")
+    shape = q.shape
+    flat = [x.contiguous().view(-1, shape[2], shape[3]) for x in (q, k, v)]
+    return SlidingWindowCPU.apply(*flat, window, scale).view(shape)

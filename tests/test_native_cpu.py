@@ -1,0 +1,145 @@
+"""The native CPU sliding-window kernel: its online softmax across key chunks (odd block
+sizes) against the dense float64 reference, and the build / cache / selection rules."""
+
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from rnope_megatron.attention import native_cpu
+from rnope_megatron.attention.sliding_window import sliding_window_attention, sliding_window_mask
+
+
+def _dense(q, k, v, window, scale):
+    mask = sliding_window_mask(q.shape[-2], window)
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+@pytest.fixture
+def fresh_load():
+    """Forget whether this process loaded the kernel, before and after the test."""
+    native_cpu._load.cache_clear()
+    yield
+    native_cpu._load.cache_clear()
+
+
+# (block_q, max_chunk): 1-row blocks; chunks narrower than a block, so each row's window
+# spans several chunks and some chunks are wholly outside a row's window (online-softmax
+# rescaling and fully masked rows); a block wider than the window; one chunk per band.
+BLOCKS = [(1, 1), (3, 5), (7, 2), (64, 7), (8, 512)]
+
+
+@pytest.mark.parametrize("block_q, max_chunk", BLOCKS)
+@pytest.mark.parametrize("seq, window", [(50, 9), (37, 1), (20, 30)])
+def test_chunked_online_softmax_matches_reference(block_q, max_chunk, seq, window, monkeypatch):
+    monkeypatch.setattr(native_cpu, "block_sizes", lambda w: (block_q, max_chunk))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, seq, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(2, 3, seq, 8, generator=g, dtype=torch.float64)
+    scale = 1 / math.sqrt(8)
+    out = native_cpu.sliding_window_cpu(q, k, v, window, scale)
+    ref = _dense(q, k, v, window, scale)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    ours = torch.autograd.grad(out, (q, k, v), grad_out)
+    theirs = torch.autograd.grad(ref, (q, k, v), grad_out)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_operator_rejects_bad_inputs():
+    native_cpu._load()
+    q = torch.randn(2, 8, 4)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.rnope.sliding_window_cpu_forward(q.transpose(0, 1), q.transpose(0, 1), q.transpose(0, 1), 3, 0.5, 4, 8)
+    with pytest.raises(RuntimeError, match="float32 and float64"):
+        h = q.half()
+        torch.ops.rnope.sliding_window_cpu_forward(h, h, h, 3, 0.5, 4, 8)
+
+
+def test_block_sizes_are_positive_and_bounded():
+    for window in (1, 2, 7, 64, 256, 4096, 131072):
+        block_q, chunk = native_cpu.block_sizes(window)
+        assert 1 <= block_q <= 64 and chunk >= block_q
+
+
+def test_choice_is_validated(monkeypatch):
+    monkeypatch.setenv("RNOPE_SWA_CPU_KERNEL", "fast")
+    with pytest.raises(ValueError, match="RNOPE_SWA_CPU_KERNEL"):
+        native_cpu.kernel_choice()
+    monkeypatch.setenv("RNOPE_SWA_CPU_KERNEL", "sdpa")
+    assert not native_cpu.native_kernel_usable(torch.float32)
+    monkeypatch.setenv("RNOPE_SWA_CPU_KERNEL", "native")
+    with pytest.raises(ValueError, match="bfloat16"):
+        native_cpu.native_kernel_usable(torch.bfloat16)
+    monkeypatch.setenv("RNOPE_SWA_CPU_KERNEL", "auto")
+    assert not native_cpu.native_kernel_usable(torch.bfloat16)  # bf16 takes the SDPA path
+
+
+def test_cache_key_follows_the_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("RNOPE_KERNEL_CACHE", str(tmp_path))
+    first = native_cpu.library_path()
+    edited = tmp_path / "edited.cpp"
+    edited.write_text(native_cpu.SOURCE.read_text() + "\n// edited\n")
+    monkeypatch.setattr(native_cpu, "SOURCE", edited)
+    assert native_cpu.library_path() != first and native_cpu.library_path().parent == tmp_path
+
+
+def test_compile_error_is_reported_with_the_compiler_log(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("int main( {\n")
+    monkeypatch.setattr(native_cpu, "SOURCE", broken)
+    monkeypatch.setenv("RNOPE_KERNEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(native_cpu.KernelBuildError, match=r"broken\.cpp failed[\s\S]*error"):
+        native_cpu.build()
+    assert not list((tmp_path / "cache").glob("*.so")) and not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_missing_compiler_falls_back_under_auto_and_fails_under_native(tmp_path, monkeypatch, fresh_load):
+    monkeypatch.setenv("RNOPE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("RNOPE_SWA_CPU_KERNEL", "auto")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        out = sliding_window_attention(q, k, v, 6)
+    torch.testing.assert_close(out, _dense(q, k, v, 6, 1 / math.sqrt(8)), atol=1e-6, rtol=0)
+    native_cpu._load.cache_clear()
+    monkeypatch.setenv("RNOPE_SWA_CPU_KERNEL", "native")
+    with pytest.raises(native_cpu.KernelBuildError, match="no C\\+\\+ compiler"):
+        sliding_window_attention(q, k, v, 6)
+
+
+BUILD_IN_CHILD = """
+import torch
+from rnope_megatron.attention import native_cpu
+path = native_cpu.build()
+torch.ops.load_library(str(path))
+x = torch.randn(1, 5, 4)
+out, lse = torch.ops.rnope.sliding_window_cpu_forward(x, x, x, 2, 0.5, 2, 4)
+assert torch.isfinite(out).all() and out.shape == x.shape
+print(path)
+"""
+
+
+def test_concurrent_first_builds_share_one_library(tmp_path):
+    """Two processes (as under torchrun) building into an empty cache: one compiles, the
+    other waits on the lock; both get the same, loadable library and no temp files remain."""
+    env = {**os.environ, "RNOPE_KERNEL_CACHE": str(tmp_path)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", BUILD_IN_CHILD], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [r[1][-2000:] for r in results]
+    paths = {r[0].strip() for r in results}
+    assert len(paths) == 1
+    compiled_notices = sum("compiling" in r[1] for r in results)
+    assert compiled_notices == 1, [r[1] for r in results]
+    assert [p.name for p in tmp_path.glob("*.so")] == [next(iter(paths)).split("/")[-1]]
+    assert not list(tmp_path.glob("*.tmp"))
