@@ -140,11 +140,11 @@ def native_kernel_usable(dtype: torch.dtype) -> bool:
     return _load()
 
 
-def block_sizes(window: int) -> tuple[int, int]:
-    """(query block, largest key chunk). A query block of Bq costs Bq/2 masked key visits
-    per row on top of W, so small windows get small blocks; 64 rows keep the GEMMs
-    efficient once W >= 256. Chunks of up to 512 keys keep a block's scores in L2."""
-    return max(8, min(64, window // 4)), 512
+def block_rows(window: int) -> int:
+    """Query rows per block. The kernel skips masked tiles, so a block costs only a few
+    tiles of masked work per row whatever its size; larger blocks amortise the per-block
+    K/V transposes, smaller ones keep the [rows, W + rows] score buffer in cache."""
+    return 64
 
 
 class SlidingWindowCPU(torch.autograd.Function):
@@ -153,10 +153,10 @@ class SlidingWindowCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, window: int, scale: float):
-        block_q, chunk = block_sizes(window)
-        out, lse = torch.ops.rnope.sliding_window_cpu_forward(q, k, v, window, scale, block_q, chunk)
+        block_q = block_rows(window)
+        out, lse = torch.ops.rnope.sliding_window_cpu_forward(q, k, v, window, scale, block_q)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (window, scale, block_q, chunk)
+        ctx.args = (window, scale, block_q)
         return out
 
     @staticmethod
