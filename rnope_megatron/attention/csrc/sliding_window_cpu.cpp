@@ -141,6 +141,22 @@ float exp_sum<float>(float* x, int64_t n, float scale, float shift) {
   return total;
 }
 
+// max of x[0, n), n >= 1. std::max_element does not vectorise.
+template <typename T>
+T max_of(const T* x, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  int64_t j = 0;
+  T best = x[0];
+  if (n >= Vec::size()) {
+    Vec vbest = Vec::loadu(x);
+    for (j = Vec::size(); j + Vec::size() <= n; j += Vec::size())
+      vbest = at::vec::maximum(vbest, Vec::loadu(x + j));
+    best = at::vec::vec_reduce_all<T>([](Vec& l, Vec& r) { return at::vec::maximum(l, r); }, vbest);
+  }
+  for (; j < n; ++j) best = std::max(best, x[j]);
+  return best;
+}
+
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // One query block and its band, in band coordinates: column c is key `lo + c`, row r is
@@ -234,15 +250,15 @@ void band_scores(const Band& band, const T* xb, const T* y_panels, int64_t dim, 
   }
 }
 
-// out[r, :] = Σ_c probs[r, c] · y[lo + c, :] over each row group's columns.
+// out[r, :] = Σ_c probs[r, c] · y[lo + c, :], summing each row group over exactly the
+// columns its rows see (here c is the reduction index, so no tile rounding is needed).
 template <typename T>
 void band_times_rows(const Band& band, const T* probs, int64_t ld, const T* y, int64_t dim,
                      T* out) {
   for (int64_t g = 0; 4 * g < band.rows; ++g) {
-    int64_t c0, c1;
-    band.group_cols(g, Simd<T>::width, c0, c1);
-    row_group<T>(0, dim, c0, std::min(c1, band.nb), probs + 4 * g * ld, ld, y + band.lo * dim,
-                 dim, out + 4 * g * dim, dim, false);
+    const int64_t c0 = band.first_col(4 * g), c1 = band.end_col(std::min(4 * g + 3, band.rows - 1));
+    row_group<T>(0, dim, c0, c1, probs + 4 * g * ld, ld, y + band.lo * dim, dim,
+                 out + 4 * g * dim, dim, false);
   }
 }
 
@@ -285,7 +301,7 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
   });
   at::parallel_for(0, bh * n_blocks, 1, [&](int64_t begin, int64_t end) {
     const int64_t bq = round_up(block_q, 4), ld = score_ld(window, block_q, w);
-    std::vector<T> qb(bq * dim), scores(bq * ld), acc(bq * dim);
+    std::vector<T> qb(bq * dim), scores(bq * ld), acc(bq * dim), row_sum(bq);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t head = item / n_blocks;
       const Band band(item % n_blocks * block_q, block_q, seq, window, w);
@@ -296,14 +312,17 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
         T* s = scores.data() + r * ld;
         int64_t c0, c1;
         mask_row(band, r, ld, s, c0, c1);
-        const T row_max = *std::max_element(s + c0, s + c1);
-        const T sum = exp_sum(s + c0, c1 - c0, scale, scale * row_max);
-        lse[head * seq + band.a + r] = scale * row_max + std::log(sum);
-        const T inv = T(1) / sum;
-        for (int64_t c = c0; c < c1; ++c) s[c] *= inv;
+        const T row_max = max_of(s + c0, c1 - c0);
+        row_sum[r] = exp_sum(s + c0, c1 - c0, scale, scale * row_max);
+        lse[head * seq + band.a + r] = scale * row_max + std::log(row_sum[r]);
       }
+      // Unnormalised P · V, then one division per output element instead of per score.
       band_times_rows(band, scores.data(), ld, v + off, dim, acc.data());
-      std::memcpy(out + off + band.a * dim, acc.data(), band.rows * dim * sizeof(T));
+      for (int64_t r = 0; r < band.rows; ++r) {
+        const T inv = T(1) / row_sum[r];
+        T* o = out + off + (band.a + r) * dim;
+        for (int64_t j = 0; j < dim; ++j) o[j] = acc[r * dim + j] * inv;
+      }
     }
   });
 }
