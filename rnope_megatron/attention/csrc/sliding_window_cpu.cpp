@@ -33,7 +33,9 @@
 namespace {
 
 // ---------------------------------------------------------------------------------
-// Micro-kernel: C[4, cols] (=|+=) A[4, k0:k1] · B[k0:k1, cols], row-major operands.
+// Micro-kernel: C[4, cols] (=|+=) A[4, k0:k1] · B[k0:k1, cols]. B and C are row-major;
+// A is addressed as a[i * a_row + p * a_k], so a transposed operand (a_row = 1) is read in
+// place instead of being copied.
 
 template <typename T>
 struct Simd {
@@ -59,15 +61,16 @@ struct Simd {
 
 // One full-width tile: 8 vector accumulators, 2 loads + 4 broadcasts per k.
 template <typename T>
-inline void tile4(int64_t k0, int64_t k1, const T* a, int64_t lda, const T* b, int64_t ldb,
-                  T* c, int64_t ldc, bool accumulate) {
+inline void tile4(int64_t k0, int64_t k1, const T* a, int64_t a_row, int64_t a_k, const T* b,
+                  int64_t ldb, T* c, int64_t ldc, bool accumulate) {
   using S = Simd<T>;
   using V = typename S::vec;
   V c00 = {}, c01 = {}, c10 = {}, c11 = {}, c20 = {}, c21 = {}, c30 = {}, c31 = {};
-  const T *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;
+  const T *a0 = a, *a1 = a + a_row, *a2 = a + 2 * a_row, *a3 = a + 3 * a_row;
   for (int64_t p = k0; p < k1; ++p) {
     const V b0 = S::load(b + p * ldb), b1 = S::load(b + p * ldb + S::lanes);
-    const V x0 = S::splat(a0[p]), x1 = S::splat(a1[p]), x2 = S::splat(a2[p]), x3 = S::splat(a3[p]);
+    const int64_t pa = p * a_k;
+    const V x0 = S::splat(a0[pa]), x1 = S::splat(a1[pa]), x2 = S::splat(a2[pa]), x3 = S::splat(a3[pa]);
     c00 += x0 * b0; c01 += x0 * b1;
     c10 += x1 * b0; c11 += x1 * b1;
     c20 += x2 * b0; c21 += x2 * b1;
@@ -87,12 +90,12 @@ inline void tile4(int64_t k0, int64_t k1, const T* a, int64_t lda, const T* b, i
 
 // Narrow tail (< one tile of columns), plain loops.
 template <typename T>
-inline void tile4_tail(int64_t cols, int64_t k0, int64_t k1, const T* a, int64_t lda,
-                       const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+inline void tile4_tail(int64_t cols, int64_t k0, int64_t k1, const T* a, int64_t a_row,
+                       int64_t a_k, const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
   for (int r = 0; r < 4; ++r) {
     for (int64_t j = 0; j < cols; ++j) {
       T sum = 0;
-      for (int64_t p = k0; p < k1; ++p) sum += a[r * lda + p] * b[p * ldb + j];
+      for (int64_t p = k0; p < k1; ++p) sum += a[r * a_row + p * a_k] * b[p * ldb + j];
       c[r * ldc + j] = accumulate ? c[r * ldc + j] + sum : sum;
     }
   }
@@ -100,12 +103,12 @@ inline void tile4_tail(int64_t cols, int64_t k0, int64_t k1, const T* a, int64_t
 
 // C[4, c0:c1] for one row group; c0 is a multiple of the tile width.
 template <typename T>
-inline void row_group(int64_t c0, int64_t c1, int64_t k0, int64_t k1, const T* a, int64_t lda,
-                      const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+inline void row_group(int64_t c0, int64_t c1, int64_t k0, int64_t k1, const T* a, int64_t a_row,
+                      int64_t a_k, const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
   constexpr int64_t w = Simd<T>::width;
   int64_t j = c0;
-  for (; j + w <= c1; j += w) tile4(k0, k1, a, lda, b + j, ldb, c + j, ldc, accumulate);
-  if (j < c1) tile4_tail(c1 - j, k0, k1, a, lda, b + j, ldb, c + j, ldc, accumulate);
+  for (; j + w <= c1; j += w) tile4(k0, k1, a, a_row, a_k, b + j, ldb, c + j, ldc, accumulate);
+  if (j < c1) tile4_tail(c1 - j, k0, k1, a, a_row, a_k, b + j, ldb, c + j, ldc, accumulate);
 }
 
 // ---------------------------------------------------------------------------------
@@ -183,23 +186,6 @@ struct Band {
   }
 };
 
-// Leading dimension of a transposed [D, L] head: padded so that consecutive rows are not
-// a power-of-two apart (such strides alias in L1 and the micro-kernel walks D rows).
-int64_t transposed_ld(int64_t seq, int64_t width) { return round_up(seq, width) + width; }
-
-// dst[i, d] = src[d, i] for i < seq: a transposed [D, ld] accumulator back to [L, D].
-template <typename T>
-void untranspose_head(const T* src, int64_t seq, int64_t dim, int64_t ld, T* dst) {
-  constexpr int64_t block = 16;
-  for (int64_t i0 = 0; i0 < seq; i0 += block) {
-    const int64_t i1 = std::min(seq, i0 + block);
-    for (int64_t d = 0; d < dim; ++d) {
-      const T* row = src + d * ld;
-      for (int64_t i = i0; i < i1; ++i) dst[i * dim + d] = row[i];
-    }
-  }
-}
-
 // Score-buffer row length for a window and block: the widest band plus tile rounding.
 int64_t score_ld(int64_t window, int64_t block_q, int64_t width) {
   return round_up(window + block_q + 2 * width, width);
@@ -227,55 +213,80 @@ void copy_rows(const T* x, int64_t row0, int64_t rows, int64_t padded, int64_t d
   std::fill(dst + rows * dim, dst + padded * dim, T(0));
 }
 
-// dst[d, r] = x[r, d] for a [padded_rows, D] block; dst is [padded_dim, padded_rows].
-template <typename T>
-void transpose_block(const T* x, int64_t padded_rows, int64_t dim, int64_t padded_dim, T* dst) {
-  for (int64_t d = 0; d < dim; ++d)
-    for (int64_t r = 0; r < padded_rows; ++r) dst[d * padded_rows + r] = x[r * dim + d];
-  std::fill(dst + dim * padded_rows, dst + padded_dim * padded_rows, T(0));
-}
-
 // scores[r, c] = x_block[r] · y[lo + c] on the tiles each row group needs (raw, unscaled);
-// y_panels is the head packed by pack_panels.
+// y_panels is the head packed by pack_panels. Panel-outer: one 4 KB panel stays in L1
+// while every row group that needs it uses it (group-outer re-streamed the whole band
+// from L2 once per group, which capped large windows).
 template <typename T>
 void band_scores(const Band& band, const T* xb, const T* y_panels, int64_t dim, int64_t ld,
                  T* out) {
   constexpr int64_t w = Simd<T>::width;
-  for (int64_t g = 0; 4 * g < band.rows; ++g) {
-    int64_t c0, c1;
-    band.group_cols(g, w, c0, c1);
-    for (int64_t j = c0; j < c1; j += w)
-      tile4(0, dim, xb + 4 * g * dim, dim, y_panels + (band.lo + j) / w * dim * w, w,
-            out + 4 * g * ld + j, ld, false);
+  const int64_t groups = (band.rows + 3) / 4;
+  int64_t first, last, unused;
+  band.group_cols(0, w, first, unused);
+  band.group_cols(groups - 1, w, unused, last);
+  for (int64_t j = first; j < last; j += w) {
+    const T* panel = y_panels + (band.lo + j) / w * dim * w;
+    for (int64_t g = 0; g < groups; ++g) {
+      int64_t c0, c1;
+      band.group_cols(g, w, c0, c1);
+      if (j >= c0 && j < c1)
+        tile4(0, dim, xb + 4 * g * dim, dim, 1, panel, w, out + 4 * g * ld + j, ld, false);
+    }
   }
 }
 
 // out[r, :] = Σ_c probs[r, c] · y[lo + c, :], summing each row group over exactly the
-// columns its rows see (here c is the reduction index, so no tile rounding is needed).
+// columns its rows see (c is the reduction index, so no tile rounding). The reduction
+// runs in chunks of y rows that stay in L1 across all row groups.
 template <typename T>
 void band_times_rows(const Band& band, const T* probs, int64_t ld, const T* y, int64_t dim,
                      T* out) {
-  for (int64_t g = 0; 4 * g < band.rows; ++g) {
-    const int64_t c0 = band.first_col(4 * g), c1 = band.end_col(std::min(4 * g + 3, band.rows - 1));
-    row_group<T>(0, dim, c0, c1, probs + 4 * g * ld, ld, y + band.lo * dim, dim,
-                 out + 4 * g * dim, dim, false);
+  constexpr int64_t chunk = 64;
+  const int64_t groups = (band.rows + 3) / 4;
+  const T* yb = y + band.lo * dim;
+  for (int64_t k0 = band.first_col(0); k0 < band.end_col(band.rows - 1); k0 += chunk) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c0 = band.first_col(4 * g), c1 = band.end_col(std::min(4 * g + 3, band.rows - 1));
+      const int64_t lo = std::max(k0, c0), hi = std::min(k0 + chunk, c1);
+      if (hi > lo)  // the chunk holding c0 is the group's first: it writes, later ones add
+        row_group<T>(0, dim, lo, hi, probs + 4 * g * ld, ld, 1, yb, dim, out + 4 * g * dim, dim,
+                     lo > c0);
+    }
   }
 }
 
-// acc_t[:, lo + c] += Σ_r x_blockᵀ[:, r] · probs[r, c], i.e. (probsᵀ · x_block)ᵀ into a
-// transposed [padded D, ld_t] accumulator; per key tile only the rows that see it.
+// dst[lo + c, :] += Σ_r probs[r, c] · x_block[r, :] (i.e. probsᵀ · x_block) for every
+// band column, in groups of 4 keys; probsᵀ is read in place (a_row = 1, a_k = ld) and
+// each group sums over only the rows that see it. dst is the head's [L, D] gradient.
 template <typename T>
-void band_transposed_accumulate(const Band& band, const T* xbt, int64_t bq, int64_t padded_dim,
-                                const T* probs, int64_t ld, T* acc_t, int64_t ld_t) {
-  constexpr int64_t w = Simd<T>::width;
-  for (int64_t c0 = 0; c0 < band.nb; c0 += w) {
+void band_transposed_accumulate(const Band& band, const T* probs, int64_t ld, const T* xb,
+                                int64_t dim, T* dst, int64_t seq, T* edge) {
+  for (int64_t c = 0; c < band.nb; c += 4) {
     int64_t r0, r1;
-    band.tile_rows(c0, c0 + w, r0, r1);
+    band.tile_rows(c, c + 4, r0, r1);
     if (r1 <= r0) continue;
-    for (int64_t g = 0; 4 * g < padded_dim; ++g)
-      tile4(r0, r1, xbt + 4 * g * bq, bq, probs + c0, ld, acc_t + 4 * g * ld_t + band.lo + c0,
-            ld_t, true);
+    T* out = dst + (band.lo + c) * dim;
+    if (band.lo + c + 4 <= seq) {
+      row_group<T>(0, dim, r0, r1, probs + c, 1, ld, xb, dim, out, dim, true);
+    } else {  // the group runs past the sequence end: sum into scratch, add the real rows
+      row_group<T>(0, dim, r0, r1, probs + c, 1, ld, xb, dim, edge, dim, false);
+      for (int64_t i = 0; i < (seq - band.lo - c) * dim; ++i) out[i] += edge[i];
+    }
   }
+}
+
+// x · y over n elements (the backward's dO_r · O_r), vectorised.
+template <typename T>
+T dot(const T* x, const T* y, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  Vec acc(T(0));
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size())
+    acc = at::vec::fmadd(Vec::loadu(x + j), Vec::loadu(y + j), acc);
+  T total = at::vec::vec_reduce_all<T>([](Vec& l, Vec& r) { return l + r; }, acc);
+  for (; j < n; ++j) total += x[j] * y[j];
+  return total;
 }
 
 // Zero every column of row r outside what it sees; returns the visible [c0, c1).
@@ -328,8 +339,8 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
 }
 
 // Gradients given the forward's output and log-sum-exp. One (batch, head) per task: the
-// key/value gradients of overlapping bands accumulate in the head's transposed buffers,
-// so a head's query blocks run in order on one thread.
+// key/value gradients of overlapping bands accumulate in place, so a head's query blocks
+// run in order on one thread.
 template <typename T>
 void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, const T* out,
                      const T* lse, T* dq, T* dk, T* dv, int64_t bh, int64_t seq, int64_t dim,
@@ -337,17 +348,13 @@ void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, cons
   constexpr int64_t w = Simd<T>::width;
   at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
     const int64_t bq = round_up(block_q, 4), ld = score_ld(window, block_q, w);
-    const int64_t ld_t = transposed_ld(seq, w), dimp = round_up(dim, 4);
-    std::vector<T> k_panels(round_up(seq, w) * dim), v_panels(round_up(seq, w) * dim),
-        dkt(dimp * ld_t), dvt(dimp * ld_t);
-    std::vector<T> qb(bq * dim), gob(bq * dim), qbt(dimp * bq), gobt(dimp * bq),
-        probs(bq * ld), dscores(bq * ld), dq_block(bq * dim);
+    std::vector<T> k_panels(round_up(seq, w) * dim), v_panels(round_up(seq, w) * dim);
+    std::vector<T> qb(bq * dim), gob(bq * dim), probs(bq * ld), dscores(bq * ld),
+        dq_block(bq * dim), edge(4 * dim);
     for (int64_t head = begin; head < end; ++head) {
       const int64_t off = head * seq * dim;
       pack_panels(k + off, seq, dim, k_panels.data());
       pack_panels(v + off, seq, dim, v_panels.data());
-      std::fill(dkt.begin(), dkt.end(), T(0));
-      std::fill(dvt.begin(), dvt.end(), T(0));
       for (int64_t a = 0; a < seq; a += block_q) {
         const Band band(a, block_q, seq, window, w);
         copy_rows(q + off, a, band.rows, bq, dim, qb.data());
@@ -355,8 +362,7 @@ void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, cons
         band_scores(band, qb.data(), k_panels.data(), dim, ld, probs.data());
         band_scores(band, gob.data(), v_panels.data(), dim, ld, dscores.data());  // dO · Vᵀ
         for (int64_t r = 0; r < band.rows; ++r) {
-          T delta = 0;  // dO_r · O_r
-          for (int64_t j = 0; j < dim; ++j) delta += gob[r * dim + j] * out[off + (a + r) * dim + j];
+          const T delta = dot(gob.data() + r * dim, out + off + (a + r) * dim, dim);
           T* p = probs.data() + r * ld;
           T* g = dscores.data() + r * ld;
           int64_t c0, c1;
@@ -367,13 +373,9 @@ void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, cons
         }
         band_times_rows(band, dscores.data(), ld, k + off, dim, dq_block.data());  // dS · K
         std::memcpy(dq + off + a * dim, dq_block.data(), band.rows * dim * sizeof(T));
-        transpose_block(gob.data(), bq, dim, dimp, gobt.data());
-        transpose_block(qb.data(), bq, dim, dimp, qbt.data());
-        band_transposed_accumulate(band, gobt.data(), bq, dimp, probs.data(), ld, dvt.data(), ld_t);
-        band_transposed_accumulate(band, qbt.data(), bq, dimp, dscores.data(), ld, dkt.data(), ld_t);
+        band_transposed_accumulate(band, probs.data(), ld, gob.data(), dim, dv + off, seq, edge.data());
+        band_transposed_accumulate(band, dscores.data(), ld, qb.data(), dim, dk + off, seq, edge.data());
       }
-      untranspose_head(dkt.data(), seq, dim, ld_t, dk + off);
-      untranspose_head(dvt.data(), seq, dim, ld_t, dv + off);
     }
   });
 }
@@ -424,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sliding_window_backward(
   TORCH_CHECK(grad_out.is_contiguous() && out.is_contiguous() && lse.is_contiguous(),
               "sliding_window_cpu_backward: grad_out/out/lse must be contiguous");
   const int64_t bh = q.size(0), seq = q.size(1), dim = q.size(2);
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  auto dq = at::empty_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sliding_window_cpu_backward", [&] {
     backward_kernel<scalar_t>(grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
                               k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
