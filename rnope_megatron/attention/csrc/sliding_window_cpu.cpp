@@ -9,8 +9,15 @@
 // rescaling). All products go through one register-tiled micro-kernel (4 rows x 2 SIMD
 // vectors, GCC/Clang vector extensions: AVX2+FMA when compiled for it, portable code
 // elsewhere) that skips every 4x(2 vector) tile lying wholly outside the band, so the
-// masked work per row is a few tiles, not Bq. No BLAS: small band GEMMs pay more in a
-// BLAS's packing and threading than they compute, and the kernel stays self-contained.
+// masked work per row is a few tiles, not Bq. No BLAS: small band GEMMs paid as much in
+// MKL's per-call packing and threading as in arithmetic, and the kernel stays
+// self-contained (torch headers only). Instead K and V are packed once per head into
+// 4 KB panels, and the transposed products of the backward (Pᵀ·dO, dSᵀ·Q) read P and dS
+// through strides rather than copies. Loop orders keep the operand being reused in L1
+// (panel-outer for scores, 64-key chunks for the P·V reductions). Tried and dropped, by
+// single-thread A/B timing: score tiles starting at half-panel boundaries (fewer masked
+// columns at small W, but the straddling loads cost more), at::vec 16x16 transposes for
+// the panel packing (no measurable change).
 //
 // Layout: q, k, v, out, grads are contiguous [BH, L, D] (K/V already repeated for GQA);
 // lse is [BH, L]. Window semantics are Hugging Face's: query i sees key j iff
@@ -28,6 +35,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -200,17 +208,28 @@ void pack_panels(const T* x, int64_t seq, int64_t dim, T* dst) {
   for (int64_t p = 0; p * w < seq; ++p) {
     T* panel = dst + p * dim * w;
     const int64_t cols = std::min(w, seq - p * w);
-    for (int64_t c = 0; c < cols; ++c)
-      for (int64_t d = 0; d < dim; ++d) panel[d * w + c] = x[(p * w + c) * dim + d];
+    for (int64_t d = 0; d < dim; ++d)  // contiguous writes; the w source rows stay in L1
+      for (int64_t c = 0; c < cols; ++c) panel[d * w + c] = x[(p * w + c) * dim + d];
     for (int64_t d = 0; d < dim; ++d) std::fill(panel + d * w + cols, panel + (d + 1) * w, T(0));
   }
 }
 
-// Copy rows [row0, row0+rows) of x ([L, D]) into dst ([padded, D]), zero the rest.
+// Rows [row0, row0+rows) of x ([L, D]) as a block of `padded` (a multiple of 4) rows:
+// x itself when the block is full, else a copy into `scratch` with zero rows appended
+// (the micro-kernel always reads 4 rows).
 template <typename T>
-void copy_rows(const T* x, int64_t row0, int64_t rows, int64_t padded, int64_t dim, T* dst) {
-  std::memcpy(dst, x + row0 * dim, rows * dim * sizeof(T));
-  std::fill(dst + rows * dim, dst + padded * dim, T(0));
+const T* block_rows(const T* x, int64_t row0, int64_t rows, int64_t padded, int64_t dim,
+                    T* scratch) {
+  if (rows == padded) return x + row0 * dim;
+  std::memcpy(scratch, x + row0 * dim, rows * dim * sizeof(T));
+  std::fill(scratch + rows * dim, scratch + padded * dim, T(0));
+  return scratch;
+}
+
+// Storage that is fully written before it is read: skips std::vector's zero fill.
+template <typename T>
+std::unique_ptr<T[]> uninitialized(int64_t n) {
+  return std::unique_ptr<T[]>(new T[n]);
 }
 
 // scores[r, c] = x_block[r] · y[lo + c] on the tiles each row group needs (raw, unscaled);
@@ -305,10 +324,10 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
                     int64_t seq, int64_t dim, int64_t window, T scale, int64_t block_q) {
   constexpr int64_t w = Simd<T>::width;
   const int64_t n_blocks = (seq + block_q - 1) / block_q, head_panels = round_up(seq, w) * dim;
-  std::vector<T> k_panels(bh * head_panels);
+  auto k_panels = uninitialized<T>(bh * head_panels);
   at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
     for (int64_t h = begin; h < end; ++h)
-      pack_panels(k + h * seq * dim, seq, dim, k_panels.data() + h * head_panels);
+      pack_panels(k + h * seq * dim, seq, dim, k_panels.get() + h * head_panels);
   });
   at::parallel_for(0, bh * n_blocks, 1, [&](int64_t begin, int64_t end) {
     const int64_t bq = round_up(block_q, 4), ld = score_ld(window, block_q, w);
@@ -317,8 +336,8 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
       const int64_t head = item / n_blocks;
       const Band band(item % n_blocks * block_q, block_q, seq, window, w);
       const int64_t off = head * seq * dim;
-      copy_rows(q + off, band.a, band.rows, bq, dim, qb.data());
-      band_scores(band, qb.data(), k_panels.data() + head * head_panels, dim, ld, scores.data());
+      const T* q_block = block_rows(q + off, band.a, band.rows, bq, dim, qb.data());
+      band_scores(band, q_block, k_panels.get() + head * head_panels, dim, ld, scores.data());
       for (int64_t r = 0; r < band.rows; ++r) {
         T* s = scores.data() + r * ld;
         int64_t c0, c1;
@@ -348,21 +367,22 @@ void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, cons
   constexpr int64_t w = Simd<T>::width;
   at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
     const int64_t bq = round_up(block_q, 4), ld = score_ld(window, block_q, w);
-    std::vector<T> k_panels(round_up(seq, w) * dim), v_panels(round_up(seq, w) * dim);
+    auto k_panels = uninitialized<T>(round_up(seq, w) * dim);
+    auto v_panels = uninitialized<T>(round_up(seq, w) * dim);
     std::vector<T> qb(bq * dim), gob(bq * dim), probs(bq * ld), dscores(bq * ld),
         dq_block(bq * dim), edge(4 * dim);
     for (int64_t head = begin; head < end; ++head) {
       const int64_t off = head * seq * dim;
-      pack_panels(k + off, seq, dim, k_panels.data());
-      pack_panels(v + off, seq, dim, v_panels.data());
+      pack_panels(k + off, seq, dim, k_panels.get());
+      pack_panels(v + off, seq, dim, v_panels.get());
       for (int64_t a = 0; a < seq; a += block_q) {
         const Band band(a, block_q, seq, window, w);
-        copy_rows(q + off, a, band.rows, bq, dim, qb.data());
-        copy_rows(grad_out + off, a, band.rows, bq, dim, gob.data());
-        band_scores(band, qb.data(), k_panels.data(), dim, ld, probs.data());
-        band_scores(band, gob.data(), v_panels.data(), dim, ld, dscores.data());  // dO · Vᵀ
+        const T* q_block = block_rows(q + off, a, band.rows, bq, dim, qb.data());
+        const T* go_block = block_rows(grad_out + off, a, band.rows, bq, dim, gob.data());
+        band_scores(band, q_block, k_panels.get(), dim, ld, probs.data());
+        band_scores(band, go_block, v_panels.get(), dim, ld, dscores.data());  // dO · Vᵀ
         for (int64_t r = 0; r < band.rows; ++r) {
-          const T delta = dot(gob.data() + r * dim, out + off + (a + r) * dim, dim);
+          const T delta = dot(go_block + r * dim, out + off + (a + r) * dim, dim);
           T* p = probs.data() + r * ld;
           T* g = dscores.data() + r * ld;
           int64_t c0, c1;
@@ -373,8 +393,8 @@ void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, cons
         }
         band_times_rows(band, dscores.data(), ld, k + off, dim, dq_block.data());  // dS · K
         std::memcpy(dq + off + a * dim, dq_block.data(), band.rows * dim * sizeof(T));
-        band_transposed_accumulate(band, probs.data(), ld, gob.data(), dim, dv + off, seq, edge.data());
-        band_transposed_accumulate(band, dscores.data(), ld, qb.data(), dim, dk + off, seq, edge.data());
+        band_transposed_accumulate(band, probs.data(), ld, go_block, dim, dv + off, seq, edge.data());
+        band_transposed_accumulate(band, dscores.data(), ld, q_block, dim, dk + off, seq, edge.data());
       }
     }
   });
