@@ -104,7 +104,7 @@ def build(verbose: bool = False) -> Path:
         if verbose:
             print(" ".join(command), file=sys.stderr)
         print("rnope-megatron: compiling the CPU sliding-window kernel (once per machine, "
-              "~1 min)...", file=sys.stderr, flush=True)
+              "~15 s)...", file=sys.stderr, flush=True)
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             partial.unlink(missing_ok=True)
