@@ -64,13 +64,18 @@ def main(argv=None) -> dict:
     p.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     ids = read_ids(args.input_ids)
+    from rnope_megatron.distributed import shutdown_parallel
+
     try:
-        cfg, model = load_model(args.checkpoint)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"rnope-eval: {err}") from None
-    if int(ids.max()) >= cfg.vocab_size:
-        raise SystemExit(f"rnope-eval: token id {int(ids.max())} >= model.vocab_size={cfg.vocab_size}")
-    loss, tokens = mean_loss(model, ids)
+        try:
+            cfg, model = load_model(args.checkpoint)
+        except (ValueError, FileNotFoundError) as err:
+            raise SystemExit(f"rnope-eval: {err}") from None
+        if int(ids.max()) >= cfg.vocab_size:
+            raise SystemExit(f"rnope-eval: token id {int(ids.max())} >= model.vocab_size={cfg.vocab_size}")
+        loss, tokens = mean_loss(model, ids)
+    finally:
+        shutdown_parallel()
     result = {"loss": loss, "tokens": tokens}
     print(json.dumps(result) if args.json else f"loss {loss:.6f} over {tokens} tokens")
     return result

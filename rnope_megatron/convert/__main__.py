@@ -184,6 +184,8 @@ def main(argv=None) -> None:
     p.add_argument("out_dir")
     p.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
+    from rnope_megatron.distributed import shutdown_parallel
+
     try:
         if args.command == "to-hf":
             to_hf(args.checkpoint, args.out_dir, args.arch, args.dtype, args.force, args.shard_mb)
@@ -192,6 +194,8 @@ def main(argv=None) -> None:
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
         # e.g. weights whose shapes do not match config.json: one line, no traceback
         raise SystemExit(f"rnope-convert: {str(err).splitlines()[0]}") from None
+    finally:
+        shutdown_parallel()
 
 
 if __name__ == "__main__":
