@@ -48,8 +48,9 @@ def kernel_choice() -> str:
 
 
 def _vector_flags() -> list[str]:
-    # AVX2+FMA covers every x86 server of the last decade; AVX-512 buys little for a
-    # kernel whose GEMMs are MKL's anyway. Elsewhere at::vec's portable code is used.
+    # AVX2+FMA covers every x86 server of the last decade; the micro-kernel's tiles are
+    # sized for 16 256-bit registers. Elsewhere the vector extensions and at::vec compile
+    # to portable code.
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return ["-DCPU_CAPABILITY=DEFAULT"]
@@ -146,7 +147,8 @@ def native_kernel_usable(dtype: torch.dtype) -> bool:
 
 def block_rows(window: int) -> int:
     """Query rows per block. The kernel skips masked tiles, so masked work per row does
-    not grow with the block; 64 rows amortise the per-block copies while a block's
+    not grow with the block; 64 rows amortise the per-block work (row masks, softmax
+    set-up) while a block's
     [rows, W + rows] score buffer stays in L2 up to W of a few thousand. Measured with
     32/64/128/256 rows at W = 64..512 (benchmarks/attention.py): 64 best or tied."""
     del window  # one size fits the measured range; kept as the tuning hook
