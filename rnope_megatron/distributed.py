@@ -47,9 +47,11 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234, rank: int | No
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if world_size == 1:
+        if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
             # A lone process needs no rendezvous port of anyone else's: a MASTER_PORT
-            # inherited from a parent job would collide with the parent's store.
+            # inherited from a parent job would collide with the parent's store. Under
+            # torchrun (even --nproc-per-node=1) the port is the agent's store, which the
+            # worker must join: replacing it leaves the worker waiting 30 min for a server.
             os.environ["MASTER_PORT"] = str(free_port())
         elif "MASTER_PORT" not in os.environ:
             raise RuntimeError("MASTER_PORT is not set: launch multi-process runs with torchrun")

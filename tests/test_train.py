@@ -28,17 +28,18 @@ def data_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data-cache"))
 
 
-def train_cmd(run_dir, *overrides, nproc=1):
+def train_cmd(run_dir, *overrides, nproc=None):
+    """``python -m rnope_megatron.train`` when ``nproc`` is None, else torchrun."""
     launcher = [sys.executable, "-m", "rnope_megatron.train"]
-    if nproc > 1:
+    if nproc is not None:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     f"--nproc-per-node={nproc}", "-m", "rnope_megatron.train"]
     return launcher + [RECIPE, *FAST, f"logging.run_dir={run_dir}", *overrides]
 
 
-def train(run_dir, *overrides, nproc=1, check=True):
+def train(run_dir, *overrides, nproc=None, check=True, timeout=600):
     proc = subprocess.run(train_cmd(run_dir, *overrides, nproc=nproc), capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+                          cwd=ROOT, timeout=timeout)
     if check and proc.returncode:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -92,6 +93,13 @@ def test_parallel_layouts_follow_the_single_process_trajectory(single, tmp_path,
     assert ours.keys() == reference.keys()
     for iteration in reference:
         assert ours[iteration] == pytest.approx(reference[iteration], abs=2e-4), iteration
+
+
+def test_torchrun_with_one_process_matches_plain_python(single, tmp_path, data_cache):
+    """One GPU is ``torchrun --nproc-per-node=1``: the worker must join torchrun's store
+    (a replaced MASTER_PORT once left it waiting for a server that never came)."""
+    train(tmp_path, f"data.cache_dir={data_cache}", nproc=1, timeout=240)
+    assert losses(tmp_path) == losses(single[0])
 
 
 def test_kill_9_and_resume_is_bit_exact(tmp_path, data_cache):
@@ -211,3 +219,24 @@ def test_preprocess_with_a_hugging_face_tokenizer_file(tmp_path):
     dataset = IndexedDataset(str(tmp_path / "c"))  # keep it alive: items are views of its mmap
     ids = dataset[0].tolist()
     assert ids == [2, 3, 4, 2, HFTokenizer(str(tmp_path / "tokenizer.json")).eod]
+
+
+def test_cuda_fusions_without_te_build_a_valid_transformer_config():
+    """train.fusions (default on CUDA) must not ask Megatron for TE's fused RoPE when TE is
+    absent: TransformerConfig raises for apply_rope_fusion without it, which would stop every
+    portable-backend GPU run on a machine without TE."""
+    from rnope_megatron.config import RNoPEConfig
+    from rnope_megatron.train.engine import fusion_overrides, te_rope_fusion_available
+
+    if te_rope_fusion_available():
+        pytest.skip("TE is installed: the fused RoPE is available")
+    config = RNoPEConfig(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=128)
+    flags = fusion_overrides(True, "portable")
+    assert flags == dict(apply_rope_fusion=False, bias_activation_fusion=True, bias_dropout_fusion=True,
+                         gradient_accumulation_fusion=False)
+    built = config.to_transformer_config(**flags)
+    assert built.bias_activation_fusion and not built.apply_rope_fusion
+    with pytest.raises(ValueError, match="apply_rope_fusion"):  # what the old flags did
+        config.to_transformer_config(apply_rope_fusion=True)
+    assert fusion_overrides(False, "te") == {}
+    assert fusion_overrides(True, "te")["gradient_accumulation_fusion"] is True
