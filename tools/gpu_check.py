@@ -2,17 +2,35 @@
 
 1. FlexAttention sliding window vs a dense float64 reference, forward and gradients.
 2. The whole model on CUDA vs the same weights on CPU (logits).
-3. benchmarks/attention.py on CUDA (bf16), printed as a table.
+3. The CPU compat layer stays off when CUDA is available.
+4. rnope-train on one GPU (torchrun, NCCL, distributed optimizer, CUDA fusions without
+   TE): fp32 per-iteration losses vs a CPU run of the same recipe on the same data
+   (``--cpu-reference DIR`` holding that run's ``metrics.jsonl`` and its ``data/`` cache,
+   made with ``tools/gpu_check.sh --prepare`` on a CPU machine), then a bf16 run.
+5. benchmarks/attention.py on CUDA (bf16), printed as a table.
 
-    python tools/gpu_check.py [--quick]
+Each check runs on even if an earlier one failed; the summary table says which held.
+
+    python tools/gpu_check.py [--quick] [--cpu-reference DIR]
 """
 
 import argparse
+import functools
+import json
 import math
+import os
+import pathlib
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
 
 import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The recipe and overrides of the CPU reference run (tools/gpu_check.sh --prepare).
+TRAIN_OVERRIDES = ["train.iters=10", "logging.interval=1", "checkpoint.interval=5", "logging.tensorboard=false"]
 
 
 def check_flex(results):
@@ -32,46 +50,96 @@ def check_flex(results):
         ref.sum().backward()
         err = max((out.double().cpu() - ref).abs().max().item(),
                   *((a.grad.double().cpu() - b.grad).abs().max().item() for a, b in ((qc, qd), (kc, kd), (vc, vd))))
-        results.append((f"flex SWA L={seq} W={window} H={heads}/{groups}", err, err < 2e-3))
+        results.append((f"flex SWA fwd+bwd L={seq} W={window} H={heads}/{groups}", err, err < 2e-3))
 
 
 def check_model(results):
     from rnope_megatron import ParallelLayout, RNoPEConfig, build_model
-    from rnope_megatron.distributed import initialize_parallel
+    from rnope_megatron.distributed import initialize_parallel, shutdown_parallel
     from rnope_megatron.weights import fill_from_global, seeded_full_tensor
 
     initialize_parallel(ParallelLayout())
-    cfg = RNoPEConfig(num_layers=8, hidden_size=256, num_attention_heads=8, num_query_groups=2,
-                      vocab_size=512, max_seq_length=1024, window=128)
-    tc = cfg.to_transformer_config()
-    model = build_model(cfg, tc)
-    fill_from_global(model, seeded_full_tensor(7))
-    ids = torch.randint(0, 512, (2, 1024))
-    pos = torch.arange(1024).expand(2, -1)
-    with torch.no_grad():
-        gpu = model.cuda()(ids.cuda(), pos.cuda(), None).cpu()
-        cpu = model.cpu()(ids, pos, None)
-    err = (gpu - cpu).abs().max().item()
-    results.append(("model logits CUDA vs CPU (fp32)", err, err < 1e-2))
+    try:
+        cfg = RNoPEConfig(num_layers=8, hidden_size=256, num_attention_heads=8, num_query_groups=2,
+                          vocab_size=512, max_seq_length=1024, window=128)
+        model = build_model(cfg, cfg.to_transformer_config())
+        fill_from_global(model, seeded_full_tensor(7))
+        ids = torch.randint(0, 512, (2, 1024))
+        pos = torch.arange(1024).expand(2, -1)
+        with torch.no_grad():
+            gpu = model.cuda()(ids.cuda(), pos.cuda(), None).cpu()
+            cpu = model.cpu()(ids, pos, None)
+        err = (gpu - cpu).abs().max().item()
+        results.append(("model logits CUDA vs CPU (fp32)", err, err < 1e-2))
+    finally:
+        shutdown_parallel()
+
+
+def check_compat(results):
+    from rnope_megatron.compat import cpu as compat
+
+    active = compat.enable()
+    results.append(("CPU compat layer off with CUDA (enable() is a no-op)", float(active or compat.is_active()),
+                    not active and not compat.is_active() and torch.Tensor.cuda is compat._original_tensor_cuda))
+
+
+def _train(run_dir, data_dir, *overrides):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+           "-m", "rnope_megatron.train", str(ROOT / "recipes" / "tiny-cpu.yaml"), *TRAIN_OVERRIDES,
+           f"logging.run_dir={run_dir}", f"data.cache_dir={data_dir}", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if proc.returncode:
+        raise RuntimeError(f"rnope-train failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    print(proc.stdout[-1500:], flush=True)
+    lines = (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return {m["iteration"]: m["loss"] for m in map(json.loads, lines)}
+
+
+def check_trainer(results, reference):
+    reference = pathlib.Path(reference)
+    cpu = {m["iteration"]: m["loss"] for m in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = pathlib.Path(tmp) / "data"  # a copy: the dataset index cache is written there
+        subprocess.run(["cp", "-r", str(reference / "data"), str(data)], check=True)
+        fp32 = _train(pathlib.Path(tmp) / "fp32", data)
+        err = max(abs(fp32[i] - cpu[i]) for i in cpu)
+        print("iter  cpu fp32  gpu fp32", *(f"{i:4d}  {cpu[i]:.5f}  {fp32[i]:.5f}" for i in sorted(cpu)), sep="\n")
+        results.append((f"rnope-train 1 GPU fp32 vs CPU, {len(cpu)} iters (loss)", err, err < 2e-3 and len(fp32) == len(cpu)))
+        bf16 = _train(pathlib.Path(tmp) / "bf16", data, "train.precision=bf16")
+        err = max(abs(bf16[i] - fp32[i]) for i in fp32)
+        finite = all(math.isfinite(x) for x in bf16.values())
+        results.append(("rnope-train 1 GPU bf16 vs fp32 (loss, loose)", err, finite and err < 0.1))
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--cpu-reference", help="folder with a CPU run's metrics.jsonl and data/")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: this script is for a GPU machine")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
     results = []
-    check_flex(results)
-    check_model(results)
-    print(f"{'check':<45}{'max abs err':>14}  ok")
+    checks = [check_compat, check_flex, check_model]
+    if args.cpu_reference:
+        checks.append(functools.partial(check_trainer, reference=args.cpu_reference))
+    for check in checks:
+        start = time.time()
+        try:
+            check(results)
+        except Exception:  # report and go on: one run of this script must say as much as it can
+            traceback.print_exc()
+            results.append((f"{getattr(check, '__name__', 'check_trainer')} raised", float("nan"), False))
+        print(f"-- {getattr(check, '__name__', 'check_trainer')}: {time.time() - start:.0f} s", flush=True)
+    print(f"\n{'check':<58}{'max abs err':>14}  ok")
     for name, err, ok in results:
-        print(f"{name:<45}{err:>14.2e}  {'yes' if ok else 'NO'}")
-    lens = ["4096", "16384"] if args.quick else ["4096", "16384", "65536", "131072"]
-    subprocess.run([sys.executable, "benchmarks/attention.py", "--device", "cuda", "--dtype", "bfloat16",
-                    "--window", "4096", "--ratio", "32", "--heads", "32", "--head-dim", "128",
-                    "--seq-lens", *lens], check=True)
-    sys.exit(0 if all(ok for *_, ok in results) else 1)
+        print(f"{name:<58}{err:>14.2e}  {'yes' if ok else 'NO'}")
+    sys.stdout.flush()
+    lens = ["16384", "65536"] if args.quick else ["4096", "16384", "65536", "131072"]
+    bench = subprocess.run([sys.executable, "benchmarks/attention.py", "--device", "cuda", "--dtype", "bfloat16",
+                            "--window", "4096", "--ratio", "32", "--heads", "32", "--head-dim", "128",
+                            "--seq-lens", *lens, "--png", os.path.join(os.environ.get("OUT", "/tmp"), "gpu_bench.png")])
+    sys.exit(0 if all(ok for *_, ok in results) and bench.returncode == 0 else 1)
 
 
 if __name__ == "__main__":

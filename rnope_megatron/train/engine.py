@@ -21,6 +21,24 @@ from rnope_megatron.train import data as data_lib
 from rnope_megatron.weights import fill_from_global, seeded_full_tensor
 
 
+def te_rope_fusion_available() -> bool:
+    """Whether Megatron found TE's fused RoPE kernel (it has no other)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    return rope_utils.fused_apply_rotary_pos_emb is not None
+
+
+def fusion_overrides(fusions: bool, backend: str) -> dict:
+    """TransformerConfig flags for Megatron's CUDA fusions. RoPE fusion and the
+    weight-gradient (gradient-accumulation) fusion are TE kernels: TransformerConfig
+    rejects the first without TE, so a portable-backend GPU run without TE keeps the
+    torch RoPE and still gets the torch-compiled SwiGLU and bias-dropout-add fusions."""
+    if not fusions:
+        return {}
+    return dict(apply_rope_fusion=te_rope_fusion_available(), bias_activation_fusion=True,
+                bias_dropout_fusion=True, gradient_accumulation_fusion=backend == "te")
+
+
 @dataclasses.dataclass
 class StepResult:
     """What one optimizer step produced (identical on every rank)."""
@@ -53,11 +71,7 @@ class Engine:
             # overlap. Batched p2p posts sends to prev and next in one batch; with PP=2
             # both are the same peer, and gloo (CPU) then matches them out of order.
             overrides.update(overlap_p2p_comm=True, batch_p2p_comm=False)
-        fusions = cuda if t.fusions is None else t.fusions
-        if fusions:  # CUDA kernels; gradient-accumulation fusion needs TE's wgrad GEMMs
-            overrides.update(apply_rope_fusion=True, bias_activation_fusion=True,
-                             bias_dropout_fusion=True,
-                             gradient_accumulation_fusion=t.backend == "te")
+        overrides.update(fusion_overrides(cuda if t.fusions is None else t.fusions, t.backend))
         if t.recompute:
             overrides["recompute_granularity"] = t.recompute
             if t.recompute == "full":
