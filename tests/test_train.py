@@ -158,6 +158,38 @@ def test_checkpoint_from_tp2_resumes_under_pp2(single, tmp_path, data_cache):
         assert ours[iteration] == pytest.approx(reference[iteration], abs=2e-4), iteration
 
 
+def test_distributed_optimizer_checkpoint_resumes_on_the_same_trajectory(single, tmp_path, data_cache):
+    """Megatron's distributed optimizer (the GPU default) over DP=2: save at iteration 3,
+    resume, and every loss stays on the single-process trajectory. Before the fixes in
+    checkpoint.py, megatron-core 0.19 without TE/Apex could not save it (deprecated default
+    format), then not load it (no Adam ``step``), then restarted Adam's bias correction.
+    A TP change is refused with the field to change, since dp_reshardable cannot reshard TP."""
+    common = [f"data.cache_dir={data_cache}", "optimizer.distributed=true"]
+    train(tmp_path, *common, "train.stop_at=3", nproc=2)
+    out = train(tmp_path, *common, nproc=2)
+    assert "resumed from" in out.stdout and "iter_0000003" in out.stdout
+    reference, ours = losses(single[0]), losses(tmp_path)
+    assert ours.keys() == reference.keys()
+    for iteration in reference:
+        assert ours[iteration] == pytest.approx(reference[iteration], abs=2e-4), iteration
+    refused = train(tmp_path, *common, "parallel.tensor=2", nproc=2, check=False)
+    assert refused.returncode != 0
+    assert "checkpoint.optimizer_format=dp_reshardable" in refused.stdout + refused.stderr
+
+
+def test_fully_reshardable_without_fused_adam_is_refused_at_start(tmp_path, data_cache):
+    """megatron-core 0.19 cannot load a fully_reshardable distributed-optimizer checkpoint
+    into torch's Adam: the run must say so before training, not at its first resume."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        pytest.skip("TE or Apex is installed")
+    out = train(tmp_path, f"data.cache_dir={data_cache}", "optimizer.distributed=true",
+                "checkpoint.optimizer_format=fully_reshardable", check=False)
+    assert out.returncode != 0 and not metrics(tmp_path)
+    assert "checkpoint.optimizer_format=fully_reshardable needs TE or Apex" in out.stdout + out.stderr
+
+
 def test_long_context_stage_starts_from_pretrained_weights(single, tmp_path, data_cache):
     """Stage 2 at twice the sequence length, weights from stage 1, fresh optimizer; no
     RoPE rescaling is involved (NoPE global layers, windowed RoPE layers)."""

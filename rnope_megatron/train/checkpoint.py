@@ -10,7 +10,9 @@ A save writes ``iter_N.tmp/`` on every rank, barriers, then rank 0 renames it to
 ``iter_N/`` and atomically replaces ``latest``: a crash at any point leaves ``latest``
 naming an older, complete checkpoint. The newest ``keep`` checkpoints are kept.
 Model and optimizer are saved sharded by global key, so a checkpoint loads under a
-different TP/PP/VPP layout (dist-checkpointing reshards).
+different TP/PP/VPP layout (dist-checkpointing reshards). The distributed optimizer's
+state follows ``checkpoint.optimizer_format``: ``dp_reshardable`` (default) reshards DP
+only, and a TP/PP change is refused with a message that names the way out.
 """
 
 from __future__ import annotations
@@ -68,8 +70,58 @@ def _layout() -> dict:
     }
 
 
+def _optimizer_metadata(optimizer_format: str) -> dict:
+    """What Megatron's optimizers read to lay out their sharded state. Without it the
+    distributed optimizer picks its deprecated ``fully_sharded_model_space`` format, which
+    megatron-core 0.19 cannot save ("ShardedTensor.flattened_range is not supported")."""
+    return {"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True}
+
+
+def _give_fresh_torch_adam_a_step(optimizer) -> None:
+    """Without TE/Apex, Megatron's DistributedOptimizer runs torch's Adam, and building its
+    load-time sharded state reads every Adam state's ``step``, which torch creates only at
+    the first step: loading into a fresh optimizer fails an assert in megatron-core 0.19.
+    Create the zero state torch itself would create; the load overwrites it."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(megatron_optimizer, distrib_optimizer.DistributedOptimizer):
+            continue
+        inner = megatron_optimizer.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0)
+                    state.setdefault("exp_avg", torch.zeros_like(param))
+                    state.setdefault("exp_avg_sq", torch.zeros_like(param))
+
+
+def _restore_torch_adam_steps(optimizer) -> None:
+    """megatron-core 0.19's DistributedOptimizer.load_state_dict (no TE/Apex, so torch's
+    Adam) gives every parameter's state one shared ``step`` tensor, then overwrites it with
+    the step found in the dp_reshardable tensors, which is the load template's zero: Adam's
+    bias correction restarted after every resume (losses diverged from iteration 2 after
+    it). The true step is in each param group, where Megatron saved it for torch's Adam;
+    each state gets its own copy of it (torch increments them in place)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(megatron_optimizer, distrib_optimizer.DistributedOptimizer):
+            continue
+        inner = megatron_optimizer.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if "step" in group and "step" in inner.state[param]:
+                    inner.state[param]["step"] = torch.tensor(float(group["step"]))
+
+
 def _sharded_state(engine, is_loading: bool, with_optimizer: bool, rng: dict | None,
-                   with_rng: bool = True) -> dict:
+                   with_rng: bool = True, optimizer_format: str = "dp_reshardable") -> dict:
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -82,7 +134,8 @@ def _sharded_state(engine, is_loading: bool, with_optimizer: bool, rng: dict | N
     if with_optimizer:
         model_state = {k: v for k, v in state.items() if k.startswith("model")}
         state["optimizer"] = engine.optimizer.sharded_state_dict(
-            model_state if len(engine.model) > 1 else model_state["model"], is_loading=is_loading
+            model_state if len(engine.model) > 1 else model_state["model"], is_loading=is_loading,
+            metadata=_optimizer_metadata(optimizer_format),
         )
     if with_optimizer and with_rng:
         # RNG per (pp, tp) position; data-parallel replicas hold copies.
@@ -98,8 +151,11 @@ def _sharded_state(engine, is_loading: bool, with_optimizer: bool, rng: dict | N
 def save(engine, directory, iteration: int, keep: int) -> pathlib.Path:
     """Save model, optimizer, scheduler, RNG and the iteration (which fixes the data
     position: batches are a pure function of it)."""
-    state = _sharded_state(engine, is_loading=False, with_optimizer=True, rng=_rng_state())
+    optimizer_format = engine.recipe.checkpoint.optimizer_format
+    state = _sharded_state(engine, is_loading=False, with_optimizer=True, rng=_rng_state(),
+                           optimizer_format=optimizer_format)
     state["scheduler"] = engine.scheduler.state_dict()
+    state["optimizer_format"] = optimizer_format
     # the whole recipe, so tools (rnope-convert, rnope-eval) can rebuild the model
     state["recipe"] = engine.recipe.to_dict()
     return save_state(state, directory, iteration, keep)
@@ -160,10 +216,20 @@ def load(engine, path, weights_only: bool = False) -> dict:
                          "set checkpoint.reset_optimizer=true")
     saved = common.get("train_state") or {}
     same_layout = saved.get("layout") == _layout()
+    optimizer_format = common.get("optimizer_format", "dp_reshardable")  # as saved
+    if not weights_only and not same_layout and optimizer_format == "dp_reshardable" \
+            and engine.optimizer_is_distributed:
+        raise ValueError(
+            f"{path} was saved with checkpoint.optimizer_format=dp_reshardable under layout "
+            f"{saved.get('layout')}, which resumes only under the same TP/PP (this run: {_layout()}). "
+            "Resume with the saved layout, or load weights only with checkpoint.reset_optimizer=true")
+    if not weights_only:
+        _give_fresh_torch_adam_a_step(engine.optimizer)
     state = _sharded_state(engine, is_loading=True, with_optimizer=not weights_only, rng=None,
-                           with_rng=same_layout)
+                           with_rng=same_layout, optimizer_format=optimizer_format)
     if not weights_only:
         state["scheduler"] = None
+        state["optimizer_format"] = None
         state["train_state"] = None
     loaded = dist_checkpointing.load(state, str(path))
     if len(engine.model) == 1:
@@ -176,7 +242,9 @@ def load(engine, path, weights_only: bool = False) -> dict:
         # construction; refresh them or the first step writes the old weights back.
         engine.optimizer.reload_model_params()
         return {}
-    engine.optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # fp32 main params are views of leaf params (dp_reshardable copies into them)
+        engine.optimizer.load_state_dict(loaded["optimizer"])
+    _restore_torch_adam_steps(engine.optimizer)
     engine.scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])

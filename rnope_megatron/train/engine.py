@@ -39,6 +39,18 @@ def fusion_overrides(fusions: bool, backend: str) -> dict:
                 bias_dropout_fusion=True, gradient_accumulation_fusion=backend == "te")
 
 
+def _check_optimizer_format(distributed_optimizer: bool, optimizer_format: str) -> None:
+    """Fail at start-up, not at the first resume: megatron-core 0.19 cannot load a
+    fully_reshardable distributed-optimizer checkpoint into torch's Adam (no TE/Apex)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distributed_optimizer and optimizer_format == "fully_reshardable" and not distrib_optimizer.HAVE_APEX_OR_TE:
+        raise ValueError(
+            "checkpoint.optimizer_format=fully_reshardable needs TE or Apex (FusedAdam) with the "
+            "distributed optimizer: with torch's Adam megatron-core 0.19 cannot load it (KeyError 'step'). "
+            "Use checkpoint.optimizer_format=dp_reshardable or optimizer.distributed=false")
+
+
 @dataclasses.dataclass
 class StepResult:
     """What one optimizer step produced (identical on every rank)."""
@@ -65,6 +77,8 @@ class Engine:
         t, o, layout = recipe.train, recipe.optimizer, recipe.parallel
         cuda = torch.cuda.is_available()
         distributed_optimizer = cuda if o.distributed is None else o.distributed
+        self.optimizer_is_distributed = distributed_optimizer
+        _check_optimizer_format(distributed_optimizer, recipe.checkpoint.optimizer_format)
         overrides = {}
         if layout.virtual_pipeline:
             # As megatron.training does for the interleaved schedule: unbatched p2p with

@@ -123,6 +123,13 @@ class CheckpointSection:
     own checkpoint dir has none."""
     reset_optimizer: bool = False
     """With ``load``: take weights only (fresh optimizer, scheduler and iteration count)."""
+    optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """On-disk layout of the distributed optimizer's state (Megatron's
+    ``distrib_optim_sharding_type``; the plain optimizer always reshards).
+    ``dp_reshardable`` (Megatron's default) saves fully in parallel and resumes under any
+    DP size but the same TP/PP. ``fully_reshardable`` resumes under any layout but gathers
+    each DP group's state on one rank while saving, and in megatron-core 0.19 loads only
+    with TE's or Apex's FusedAdam (torch's Adam fails with KeyError 'step')."""
 
 
 @dataclasses.dataclass
