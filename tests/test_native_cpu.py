@@ -27,13 +27,27 @@ def fresh_load():
     native_cpu._load.cache_clear()
 
 
+@pytest.fixture
+def poisoned_empty():
+    """Uninitialised tensors (at::empty) come back NaN-filled, so an output or gradient
+    element the kernel never writes shows up (dk/dv are not zero-filled: the first block
+    to reach a key stores, later ones add)."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(before[0])
+    torch.utils.deterministic.fill_uninitialized_memory = before[1]
+
+
 # Query blocks: 1 row, rows not a multiple of the 4-row group, a block wider than the
 # window, the default. Head dims: below one tile (8), a tile tail (20), whole tiles (32).
 # Windows: 1, below and above a 16-column tile, and one covering the whole sequence.
 @pytest.mark.parametrize("block_q", [1, 3, 7, 64])
 @pytest.mark.parametrize("seq, window, dim", [(50, 9, 8), (37, 1, 20), (20, 30, 32), (90, 23, 16)])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-def test_kernel_matches_reference_for_any_block_and_head_dim(block_q, seq, window, dim, dtype, tol, monkeypatch):
+def test_kernel_matches_reference_for_any_block_and_head_dim(block_q, seq, window, dim, dtype, tol, monkeypatch,
+                                                            poisoned_empty):
     monkeypatch.setattr(native_cpu, "block_rows", lambda w: block_q)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 3, seq, dim, generator=g, dtype=torch.float64) for _ in range(3))
