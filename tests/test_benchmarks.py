@@ -25,7 +25,7 @@ def test_flop_ratio_counts_key_visits_exactly(seq, window):
 def test_json_rows_have_the_documented_keys(tmp_path):
     proc = subprocess.run(
         [sys.executable, "benchmarks/attention.py", "--seq-lens", "128", "256", "--window", "32",
-         "--ratio", "8", "--heads", "2", "--head-dim", "16", "--repeats", "1", "--device", "cpu",
+         "--ratio", "8", "--heads", "2", "--head-dim", "16", "--repeats", "1", "--min-time", "0", "--device", "cpu",
          "--json", "--png", str(tmp_path / "plot.png")],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
