@@ -77,22 +77,27 @@ def _optimizer_metadata(optimizer_format: str) -> dict:
     return {"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True}
 
 
-def _give_fresh_torch_adam_a_step(optimizer) -> None:
-    """Without TE/Apex, Megatron's DistributedOptimizer runs torch's Adam, and building its
-    load-time sharded state reads every Adam state's ``step``, which torch creates only at
-    the first step: loading into a fresh optimizer fails an assert in megatron-core 0.19.
-    Create the zero state torch itself would create; the load overwrites it."""
+def _torch_adams_under_distributed_optimizers(optimizer):
+    """The torch Adam inside each DistributedOptimizer, when TE/Apex are absent (then
+    Megatron falls back to torch's Adam, whose checkpoint paths below need help)."""
     from megatron.core.optimizer import distrib_optimizer
 
     if distrib_optimizer.HAVE_APEX_OR_TE:
         return
     for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(megatron_optimizer, distrib_optimizer.DistributedOptimizer):
-            continue
-        inner = megatron_optimizer.optimizer
-        for group in inner.param_groups:
+        if isinstance(megatron_optimizer, distrib_optimizer.DistributedOptimizer):
+            yield megatron_optimizer.optimizer
+
+
+def _give_fresh_torch_adam_a_step(optimizer) -> None:
+    """Building the load-time sharded state of megatron-core 0.19's DistributedOptimizer
+    reads every torch-Adam state's ``step``, which torch creates only at the first step:
+    loading into a fresh optimizer failed an assert. Create the zero state torch itself
+    would create; the load overwrites it."""
+    for adam in _torch_adams_under_distributed_optimizers(optimizer):
+        for group in adam.param_groups:
             for param in group["params"]:
-                state = inner.state[param]
+                state = adam.state[param]
                 if "step" not in state:
                     state["step"] = torch.tensor(0.0)
                     state.setdefault("exp_avg", torch.zeros_like(param))
@@ -100,24 +105,17 @@ def _give_fresh_torch_adam_a_step(optimizer) -> None:
 
 
 def _restore_torch_adam_steps(optimizer) -> None:
-    """megatron-core 0.19's DistributedOptimizer.load_state_dict (no TE/Apex, so torch's
-    Adam) gives every parameter's state one shared ``step`` tensor, then overwrites it with
-    the step found in the dp_reshardable tensors, which is the load template's zero: Adam's
-    bias correction restarted after every resume (losses diverged from iteration 2 after
-    it). The true step is in each param group, where Megatron saved it for torch's Adam;
-    each state gets its own copy of it (torch increments them in place)."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return
-    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(megatron_optimizer, distrib_optimizer.DistributedOptimizer):
-            continue
-        inner = megatron_optimizer.optimizer
-        for group in inner.param_groups:
+    """megatron-core 0.19's DistributedOptimizer.load_state_dict gives every parameter's
+    torch-Adam state one shared ``step`` tensor, then overwrites it with the step found in
+    the dp_reshardable tensors, which is the load template's zero: Adam's bias correction
+    restarted after every resume (losses diverged from the second iteration after it).
+    The true step is in each param group, where Megatron saved it for torch's Adam; each
+    state gets its own copy of it (torch increments them in place)."""
+    for adam in _torch_adams_under_distributed_optimizers(optimizer):
+        for group in adam.param_groups:
             for param in group["params"]:
-                if "step" in group and "step" in inner.state[param]:
-                    inner.state[param]["step"] = torch.tensor(float(group["step"]))
+                if "step" in group and "step" in adam.state[param]:
+                    adam.state[param]["step"] = torch.tensor(float(group["step"]))
 
 
 def _sharded_state(engine, is_loading: bool, with_optimizer: bool, rng: dict | None,
