@@ -96,7 +96,7 @@ def _worker(spec: dict) -> dict:
     while len(swa) < spec["repeats"] or (time.perf_counter() - started < spec["min_time"] and len(swa) < 100):
         swa.append(step(window))
         glob.append(step(0))
-    return {"swa_ms": min(swa), "global_ms": min(glob), "kernel": kernel, "pairs": len(swa)}
+    return {"swa_ms": min(swa), "global_ms": min(glob), "kernel": kernel}
 
 
 def measure(spec: dict, cpu_kernel: str) -> dict:

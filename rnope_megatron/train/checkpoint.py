@@ -227,7 +227,6 @@ def load(engine, path, weights_only: bool = False) -> dict:
                            with_rng=same_layout, optimizer_format=optimizer_format)
     if not weights_only:
         state["scheduler"] = None
-        state["optimizer_format"] = None
         state["train_state"] = None
     loaded = dist_checkpointing.load(state, str(path))
     if len(engine.model) == 1:
