@@ -178,3 +178,33 @@ def test_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     for a, b in zip(single, double):
         assert torch.equal(a, b)
+
+
+# Batch·head 1 or 3 asks for many backward segments per head (the kernel aims at ~32
+# work items); at L = 333 these windows give 8, 4 and 2 segments (segment_rows in the
+# kernel), with blocks of 3, 7 and 64 rows, so segment starts fall off the 4-key groups.
+@pytest.mark.parametrize("window, block_q", [(7, 3), (20, 7), (33, 64)])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_segmented_backward_matches_reference_for_any_thread_count(window, block_q, heads, monkeypatch,
+                                                                   poisoned_empty):
+    """The backward splits each head into segments that run on different threads (even
+    segments first, then odd ones adding into the rows their neighbours stored): gradients
+    match the dense float64 reference and are bit-identical with 1, 2 and 3 threads."""
+    monkeypatch.setattr(native_cpu, "block_rows", lambda w: block_q)
+    g = torch.Generator().manual_seed(11)
+    q, k, v, grad_out = (torch.randn(1, heads, 333, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    theirs = torch.autograd.grad(_dense(*ref_in, window, 0.3), ref_in, grad_out)
+    threads, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            ours_in = [x.clone().requires_grad_() for x in (q, k, v)]
+            out = native_cpu.sliding_window_cpu(*ours_in, window, 0.3)
+            results.append([out.detach(), *torch.autograd.grad(out, ours_in, grad_out)])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(results[0][1:], theirs):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))

@@ -2,7 +2,9 @@
 
 The kernel computes exactly the band of each block of query rows with its own
 register-tiled micro-kernel (no BLAS), forward in parallel over (batch·head, block),
-backward over batch·head. float32 and float64; results do not depend on the thread count.
+backward over segments of each batch·head's blocks (so batch 1 with few heads still uses
+every core), with work stealing between threads. float32 and float64; results do not depend
+on the thread count.
 
 The kernel is compiled on first use with the machine's C++ compiler against the installed
 torch (no ninja, no Python headers: it registers plain ``torch.ops.rnope.*`` operators and

@@ -11,18 +11,24 @@
 // elsewhere) that skips every 4x(2 vector) tile lying wholly outside the band, so the
 // masked work per row is a few tiles, not Bq. No BLAS: small band GEMMs paid as much in
 // MKL's per-call packing and threading as in arithmetic, and the kernel stays
-// self-contained (torch headers only). Instead K and V are packed once per head into
-// 4 KB panels, and the transposed products of the backward (Pᵀ·dO, dSᵀ·Q) read P and dS
-// through strides rather than copies. Loop orders keep the operand being reused in L1
-// (panel-outer for scores, 64-key chunks for the P·V reductions). Tried and dropped, by
-// single-thread A/B timing: score tiles starting at half-panel boundaries (fewer masked
-// columns at small W, but the straddling loads cost more), at::vec 16x16 transposes for
-// the panel packing (3.5x faster alone, no change in place: packing waits on memory),
-// half-width (4 x 1 vector) tiles at band edges (< 0.5%). What did pay: the backward packs
-// K/V panels block by block as the band reaches them, writes dS·K straight into dq, and
-// stores (rather than adds) the first contribution to each dK/dV row, so neither needs a
-// zero fill (-3.5% at L = 2k, W = 64, 2 threads).
+// self-contained (torch headers only). Instead Kᵀ (and Vᵀ for dO·Vᵀ) is packed into 4 KB
+// panels block by block as the bands reach it, into a per-thread ring of O(W·D), and the
+// transposed products of the backward (Pᵀ·dO, dSᵀ·Q) read P and dS through strides rather
+// than copies. Loop orders keep the operand being reused in L1 (panel-outer for scores,
+// 64-key chunks for the P·V reductions). The backward writes dS·K straight into dq and
+// stores (rather than adds) the first contribution to each dK/dV row: no zero fills.
 //
+// Parallel work: forward items are (batch·head, block); backward items are segments of a
+// (batch·head)'s blocks (segment_rows), so the backward is not limited to B·H threads.
+// Threads take items from contiguous ranges and steal from others' ends (WorkRanges).
+//
+// Tried and dropped, by A/B timing at L = 2k, W = 64: score tiles starting at half-panel
+// boundaries, or 8 x 1-vector score tiles (fewer masked columns; the extra loads cost
+// more: +6%), at::vec transposes for the packing (3.5x faster alone, no change in place),
+// half-width tiles at band edges (< 0.5%), software prefetch of the next block's rows (no
+// change), dot-product score tiles that need no packing (2.3x slower per flop: horizontal
+// sums), and one shared work counter (neighbouring blocks on different cores: +10-20%).
+
 // Layout: q, k, v, out, grads are contiguous [BH, L, D] (K/V already repeated for GQA);
 // lse is [BH, L]. Window semantics are Hugging Face's: query i sees key j iff
 // i - W < j <= i.
@@ -32,10 +38,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -202,15 +211,22 @@ int64_t score_ld(int64_t window, int64_t block_q, int64_t width) {
   return round_up(window + block_q + 2 * width, width);
 }
 
-// Kᵀ of one [L, D] head in panels: panel p is columns [p·w, p·w + w) as a contiguous
-// [D, w] block (zero past L). A band tile of the score product then reads one 4 KB panel
-// sequentially instead of D rows a whole sequence apart (one TLB entry, not D).
+// Panels of Kᵀ a block's band can span, plus one: the ring that pack_panels fills and
+// band_scores reads, so that packing the next block's panels never overwrites the band
+// in use. Scratch is O(W·D) per thread, not O(L·D).
+int64_t panel_ring(int64_t window, int64_t block_q, int64_t width) {
+  return score_ld(window, block_q, width) / width + 1;
+}
+
+// Panels [p0, p1) of Kᵀ for one [L, D] head: panel p is columns [p·w, p·w + w) as a
+// contiguous [D, w] block (zero past L), stored in slot p % ring. A band tile of the score
+// product then reads one 4 KB panel sequentially instead of D rows a whole sequence apart
+// (one TLB entry, not D).
 template <typename T>
-void pack_panels(const T* x, int64_t seq, int64_t dim, T* dst, int64_t p0 = 0, int64_t p1 = -1) {
+void pack_panels(const T* x, int64_t seq, int64_t dim, T* dst, int64_t ring, int64_t p0, int64_t p1) {
   constexpr int64_t w = Simd<T>::width;
-  if (p1 < 0) p1 = (seq + w - 1) / w;
   for (int64_t p = p0; p < p1; ++p) {
-    T* panel = dst + p * dim * w;
+    T* panel = dst + p % ring * dim * w;
     const int64_t cols = std::min(w, seq - p * w);
     for (int64_t d = 0; d < dim; ++d)  // contiguous writes; the w source rows stay in L1
       for (int64_t c = 0; c < cols; ++c) panel[d * w + c] = x[(p * w + c) * dim + d];
@@ -230,26 +246,37 @@ const T* block_rows(const T* x, int64_t row0, int64_t rows, int64_t padded, int6
   return scratch;
 }
 
-// Storage that is fully written before it is read: skips std::vector's zero fill.
-template <typename T>
-std::unique_ptr<T[]> uninitialized(int64_t n) {
-  return std::unique_ptr<T[]>(new T[n]);
-}
+// One worker's scratch: a single allocation cut into arrays of the given sizes (each
+// starting on a 64-byte boundary of it), not zero-filled: every array is written before
+// it is read.
+template <typename T, size_t N>
+struct Scratch {
+  explicit Scratch(const std::array<int64_t, N>& sizes) {
+    constexpr int64_t line = 64 / sizeof(T);
+    int64_t total = 0;
+    for (const int64_t n : sizes) total += round_up(n, line);
+    storage.reset(new T[total]);
+    T* next = storage.get();
+    for (size_t i = 0; i < N; ++i) parts[i] = next, next += round_up(sizes[i], line);
+  }
+  std::unique_ptr<T[]> storage;
+  std::array<T*, N> parts;
+};
 
 // scores[r, c] = x_block[r] · y[lo + c] on the tiles each row group needs (raw, unscaled);
-// y_panels is the head packed by pack_panels. Panel-outer: one 4 KB panel stays in L1
+// y_panels is the head's ring of panels (pack_panels). Panel-outer: one 4 KB panel stays in L1
 // while every row group that needs it uses it (group-outer re-streamed the whole band
 // from L2 once per group, which capped large windows).
 template <typename T>
-void band_scores(const Band& band, const T* xb, const T* y_panels, int64_t dim, int64_t ld,
-                 T* out) {
+void band_scores(const Band& band, const T* xb, const T* y_panels, int64_t ring, int64_t dim,
+                 int64_t ld, T* out) {
   constexpr int64_t w = Simd<T>::width;
   const int64_t groups = (band.rows + 3) / 4;
   int64_t first, last, unused;
   band.group_cols(0, w, first, unused);
   band.group_cols(groups - 1, w, unused, last);
   for (int64_t j = first; j < last; j += w) {
-    const T* panel = y_panels + (band.lo + j) / w * dim * w;
+    const T* panel = y_panels + (band.lo + j) / w % ring * dim * w;
     for (int64_t g = 0; g < groups; ++g) {
       int64_t c0, c1;
       band.group_cols(g, w, c0, c1);
@@ -282,20 +309,19 @@ void band_times_rows(const Band& band, const T* probs, int64_t ld, const T* y, i
 // dst[lo + c, :] += Σ_r probs[r, c] · x_block[r, :] (i.e. probsᵀ · x_block) for every
 // band column, in groups of 4 keys; probsᵀ is read in place (a_row = 1, a_k = ld) and
 // each group sums over only the rows that see it. dst is the head's [L, D] gradient.
+// Keys in [fresh_from, fresh_to) hold nothing yet: their first write stores instead of
+// adding, so dst needs no zero fill (fresh_from, fresh_to are multiples of 4).
 template <typename T>
 void band_transposed_accumulate(const Band& band, const T* probs, int64_t ld, const T* xb,
-                                int64_t dim, T* dst, int64_t seq, T* edge) {
+                                int64_t dim, T* dst, int64_t seq, T* edge, int64_t fresh_from,
+                                int64_t fresh_to) {
   for (int64_t c = 0; c < band.nb; c += 4) {
     int64_t r0, r1;
     band.tile_rows(c, c + 4, r0, r1);
     if (r1 <= r0) continue;
     const int64_t key = band.lo + c;
     T* out = dst + key * dim;
-    // Keys from band.a on were not touched by earlier blocks (their bands end at a): the
-    // first write stores instead of adding, so dst needs no zero fill.
-    // A group starting before `a` was written whole (zeros included) by the block that
-    // holds its first key's own query, so adding is right even for its keys >= a.
-    const bool add = key < band.a;
+    const bool add = key < fresh_from || key >= fresh_to;
     if (key + 4 <= seq) {
       row_group<T>(0, dim, r0, r1, probs + c, 1, ld, xb, dim, out, dim, add);
     } else {  // the group runs past the sequence end: sum into scratch, keep the real rows
@@ -327,29 +353,103 @@ inline void mask_row(const Band& band, int64_t r, int64_t ld, T* row, int64_t& c
   std::fill(row + c1, row + ld, T(0));
 }
 
+// Work items 0..n-1 shared by `parts` threads: each thread owns a contiguous range and
+// takes from its front, so consecutive items (neighbouring blocks of one head, whose K/V
+// rows and panels overlap) stay on one core; a thread whose range is empty takes from the
+// back of the fullest other range. Why not at::parallel_for: it splits statically, and on
+// a shared machine one core ran 20-30% slower than the other through whole calls
+// (measured on this project's 2-core CI machines), which a static split waits for. Why
+// not one shared counter: interleaving neighbouring blocks across cores cost 10-20% in
+// the forward. Which thread computes an item never changes its result.
+class WorkRanges {
+ public:
+  WorkRanges(int64_t n_items, int64_t parts) : slots_(parts) {
+    for (int64_t p = 0; p < parts; ++p) slots_[p].word = pack(n_items * p / parts, n_items * (p + 1) / parts);
+  }
+  // The next item for the thread owning range `part`, or -1 when every range is empty.
+  int64_t take(int64_t part) {
+    for (bool own = true;; own = false) {
+      int64_t victim = part;
+      if (!own) {  // the fullest other range
+        int64_t most = 0;
+        for (int64_t p = 0; p < static_cast<int64_t>(slots_.size()); ++p) {
+          const uint64_t word = slots_[p].word.load(std::memory_order_relaxed);
+          if (p != part && end_of(word) - next_of(word) > most) most = end_of(word) - next_of(word), victim = p;
+        }
+        if (most == 0) return -1;
+      }
+      std::atomic<uint64_t>& slot = slots_[victim].word;
+      uint64_t word = slot.load(std::memory_order_relaxed);
+      while (next_of(word) < end_of(word)) {
+        const int64_t item = own ? next_of(word) : end_of(word) - 1;
+        const uint64_t taken = own ? pack(item + 1, end_of(word)) : pack(next_of(word), item);
+        if (slot.compare_exchange_weak(word, taken, std::memory_order_relaxed)) return item;
+      }
+      // empty (or emptied meanwhile): look elsewhere; the loop ends when all are empty
+    }
+  }
+
+ private:
+  static uint64_t pack(int64_t next, int64_t end) { return uint64_t(next) | uint64_t(end) << 32; }
+  static int64_t next_of(uint64_t word) { return int64_t(word & 0xffffffffu); }
+  static int64_t end_of(uint64_t word) { return int64_t(word >> 32); }
+  struct alignas(64) Slot {  // one cache line each: owners do not contend on a line
+    std::atomic<uint64_t> word{0};
+  };
+  std::vector<Slot> slots_;
+};
+
+// Runs worker(next) once on each intra-op thread; next() returns that thread's next item
+// of 0..n_items-1 (see WorkRanges), then -1.
+template <typename Worker>
+void run_balanced(int64_t n_items, const Worker& worker) {
+  TORCH_CHECK(n_items < (int64_t(1) << 31), "sliding_window_cpu: too many work items");
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(n_items, at::get_num_threads()));
+  WorkRanges ranges(n_items, parts);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) worker([&ranges, part] { return ranges.take(part); });
+  });
+}
+
+// Query rows of one backward work item: a whole number of blocks. Enough segments that
+// all (batch, head)s together give ~32 items (the backward's parallelism was B·H, which is
+// small for batch 1 or few heads per TP rank), but each at least 4W long, so that packing
+// each segment's first band again adds little, and longer than W + two tiles, so that a
+// segment's bands never reach back past the previous segment. Depends on shapes only,
+// never on the thread count: the segmentation fixes the order of the dK/dV sums.
+int64_t segment_rows(int64_t bh, int64_t seq, int64_t window, int64_t block_q, int64_t width) {
+  const int64_t wanted = (32 + bh - 1) / bh;  // segments per (batch, head)
+  const int64_t shortest = std::max(4 * window, window + 2 * width);
+  const int64_t segments = std::max<int64_t>(1, std::min(wanted, seq / shortest));
+  return round_up(std::max((seq + segments - 1) / segments, shortest), block_q);
+}
+
 // ---------------------------------------------------------------------------------
 
 template <typename T>
 void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t bh,
                     int64_t seq, int64_t dim, int64_t window, T scale, int64_t block_q) {
   constexpr int64_t w = Simd<T>::width;
-  const int64_t n_blocks = (seq + block_q - 1) / block_q, head_panels = round_up(seq, w) * dim;
-  auto k_panels = uninitialized<T>(bh * head_panels);
-  at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t h = begin; h < end; ++h)
-      pack_panels(k + h * seq * dim, seq, dim, k_panels.get() + h * head_panels);
-  });
-  at::parallel_for(0, bh * n_blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t n_blocks = (seq + block_q - 1) / block_q;
+  run_balanced(bh * n_blocks, [&](const auto& next) {
     const int64_t bq = round_up(block_q, 4), ld = score_ld(window, block_q, w);
-    std::vector<T> qb(bq * dim), scores(bq * ld), acc(bq * dim), row_sum(bq);
-    for (int64_t item = begin; item < end; ++item) {
+    const int64_t ring = panel_ring(window, block_q, w);
+    // k_panels: Kᵀ of the head being worked on, packed as its blocks' bands reach it.
+    const Scratch<T, 5> scratch({bq * dim, bq * ld, bq * dim, bq, ring * w * dim});
+    const auto [qb, scores, acc, row_sum, k_panels] = scratch.parts;
+    int64_t previous = -1, packed = 0;
+    for (int64_t item; (item = next()) >= 0; previous = item) {
       const int64_t head = item / n_blocks;
       const Band band(item % n_blocks * block_q, block_q, seq, window, w);
       const int64_t off = head * seq * dim;
-      const T* q_block = block_rows(q + off, band.a, band.rows, bq, dim, qb.data());
-      band_scores(band, q_block, k_panels.get() + head * head_panels, dim, ld, scores.data());
+      if (item != previous + 1 || band.a == 0) packed = band.lo / w;  // not a continuation
+      const int64_t needed = (band.a + band.rows + w - 1) / w;
+      pack_panels(k + off, seq, dim, k_panels, ring, packed, needed);
+      packed = needed;
+      const T* q_block = block_rows(q + off, band.a, band.rows, bq, dim, qb);
+      band_scores(band, q_block, k_panels, ring, dim, ld, scores);
       for (int64_t r = 0; r < band.rows; ++r) {
-        T* s = scores.data() + r * ld;
+        T* s = scores + r * ld;
         int64_t c0, c1;
         mask_row(band, r, ld, s, c0, c1);
         const T row_max = max_of(s + c0, c1 - c0);
@@ -357,7 +457,7 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
         lse[head * seq + band.a + r] = scale * row_max + std::log(row_sum[r]);
       }
       // Unnormalised P · V, then one division per output element instead of per score.
-      band_times_rows(band, scores.data(), ld, v + off, dim, acc.data());
+      band_times_rows(band, scores, ld, v + off, dim, acc);
       for (int64_t r = 0; r < band.rows; ++r) {
         const T inv = T(1) / row_sum[r];
         T* o = out + off + (band.a + r) * dim;
@@ -367,55 +467,74 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
   });
 }
 
-// Gradients given the forward's output and log-sum-exp. One (batch, head) per task: the
-// key/value gradients of overlapping bands accumulate in place, so a head's query blocks
-// run in order on one thread.
+// Gradients given the forward's output and log-sum-exp. Work items are segments of a
+// (batch, head)'s query blocks (segment_rows), run in order within a segment. A
+// segment's first blocks reach up to W-1 keys back into the previous segment's dK/dV
+// rows, so even segments run first and store their rows, odd ones second and add where
+// a neighbour already stored: no two threads write one row, and every row's sum has one
+// fixed order, whatever the threads.
 template <typename T>
 void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, const T* out,
                      const T* lse, T* dq, T* dk, T* dv, int64_t bh, int64_t seq, int64_t dim,
                      int64_t window, T scale, int64_t block_q) {
   constexpr int64_t w = Simd<T>::width;
-  at::parallel_for(0, bh, 1, [&](int64_t begin, int64_t end) {
-    const int64_t bq = round_up(block_q, 4), ld = score_ld(window, block_q, w);
-    auto k_panels = uninitialized<T>(round_up(seq, w) * dim);
-    auto v_panels = uninitialized<T>(round_up(seq, w) * dim);
-    std::vector<T> qb(bq * dim), gob(bq * dim), probs(bq * ld), dscores(bq * ld),
-        dq_block(bq * dim), edge(4 * dim);
-    for (int64_t head = begin; head < end; ++head) {
-      const int64_t off = head * seq * dim;
-      int64_t packed = 0;  // panels packed so far: each block adds those its band reaches,
-                           // while their K/V rows are being read anyway
-      for (int64_t a = 0; a < seq; a += block_q) {
-        const Band band(a, block_q, seq, window, w);
-        const int64_t needed = (band.a + band.rows + w - 1) / w;
-        pack_panels(k + off, seq, dim, k_panels.get(), packed, needed);
-        pack_panels(v + off, seq, dim, v_panels.get(), packed, needed);
-        packed = needed;
-        const T* q_block = block_rows(q + off, a, band.rows, bq, dim, qb.data());
-        const T* go_block = block_rows(grad_out + off, a, band.rows, bq, dim, gob.data());
-        band_scores(band, q_block, k_panels.get(), dim, ld, probs.data());
-        band_scores(band, go_block, v_panels.get(), dim, ld, dscores.data());  // dO · Vᵀ
-        for (int64_t r = 0; r < band.rows; ++r) {
-          const T delta = dot(go_block + r * dim, out + off + (a + r) * dim, dim);
-          T* p = probs.data() + r * ld;
-          T* g = dscores.data() + r * ld;
-          int64_t c0, c1;
-          mask_row(band, r, ld, p, c0, c1);
-          mask_row(band, r, ld, g, c0, c1);
-          exp_sum(p + c0, c1 - c0, scale, lse[head * seq + a + r]);  // P = exp(S - lse)
-          for (int64_t c = c0; c < c1; ++c) g[c] = scale * p[c] * (g[c] - delta);  // dS, scaled
+  constexpr int64_t none = INT64_MAX;
+  const int64_t seg = segment_rows(bh, seq, window, block_q, w), n_segments = (seq + seg - 1) / seg;
+  for (int64_t parity = 0; parity < 2; ++parity) {
+    const int64_t per_head = (n_segments + 1 - parity) / 2;  // segments of this parity
+    if (per_head == 0) continue;
+    run_balanced(bh * per_head, [&](const auto& next) {
+      const int64_t bq = round_up(block_q, 4), ld = score_ld(window, block_q, w);
+      const int64_t ring = panel_ring(window, block_q, w);
+      const Scratch<T, 8> scratch(
+          {bq * dim, bq * dim, bq * ld, bq * ld, bq * dim, 4 * dim, ring * w * dim, ring * w * dim});
+      const auto [qb, gob, probs, dscores, dq_block, edge, k_panels, v_panels] = scratch.parts;
+      for (int64_t item; (item = next()) >= 0;) {
+        const int64_t head = item / per_head, first = (2 * (item % per_head) + parity) * seg;
+        const int64_t last = std::min(seq, first + seg), off = head * seq * dim;
+        // Keys from `stored` on were already stored by the next (even) segment: from the
+        // 4-key group of the first key its first block sees (unseen groups are skipped).
+        const int64_t stored = parity == 1 && last < seq ? std::max<int64_t>(0, last - window + 1) / 4 * 4 : none;
+        int64_t packed = Band(first, block_q, seq, window, w).lo / w;  // panels packed so
+        // far: each block adds those its band reaches, while their K/V rows are read anyway
+        for (int64_t a = first; a < last; a += block_q) {
+          const Band band(a, block_q, seq, window, w);
+          const int64_t needed = (band.a + band.rows + w - 1) / w;
+          pack_panels(k + off, seq, dim, k_panels, ring, packed, needed);
+          pack_panels(v + off, seq, dim, v_panels, ring, packed, needed);
+          packed = needed;
+          const T* q_block = block_rows(q + off, a, band.rows, bq, dim, qb);
+          const T* go_block = block_rows(grad_out + off, a, band.rows, bq, dim, gob);
+          band_scores(band, q_block, k_panels, ring, dim, ld, probs);
+          band_scores(band, go_block, v_panels, ring, dim, ld, dscores);  // dO · Vᵀ
+          for (int64_t r = 0; r < band.rows; ++r) {
+            const T delta = dot(go_block + r * dim, out + off + (a + r) * dim, dim);
+            T* p = probs + r * ld;
+            T* g = dscores + r * ld;
+            int64_t c0, c1;
+            mask_row(band, r, ld, p, c0, c1);
+            mask_row(band, r, ld, g, c0, c1);
+            exp_sum(p + c0, c1 - c0, scale, lse[head * seq + a + r]);  // P = exp(S - lse)
+            for (int64_t c = c0; c < c1; ++c) g[c] = scale * p[c] * (g[c] - delta);  // dS, scaled
+          }
+          if (band.rows == bq) {  // dS · K straight into dq; a short block via scratch
+            band_times_rows(band, dscores, ld, k + off, dim, dq + off + a * dim);
+          } else {
+            band_times_rows(band, dscores, ld, k + off, dim, dq_block);
+            std::memcpy(dq + off + a * dim, dq_block, band.rows * dim * sizeof(T));
+          }
+          // Keys below `a` were written by earlier blocks (their bands end at a) or, at an
+          // odd segment's start, by the previous segment; an even segment's first block
+          // finds its whole band empty (its predecessor runs later and adds).
+          const int64_t fresh_from = parity == 0 && a == first ? 0 : a;
+          band_transposed_accumulate(band, probs, ld, go_block, dim, dv + off, seq, edge,
+                                     fresh_from, stored);
+          band_transposed_accumulate(band, dscores, ld, q_block, dim, dk + off, seq, edge,
+                                     fresh_from, stored);
         }
-        if (band.rows == bq) {  // dS · K straight into dq; a short block via scratch
-          band_times_rows(band, dscores.data(), ld, k + off, dim, dq + off + a * dim);
-        } else {
-          band_times_rows(band, dscores.data(), ld, k + off, dim, dq_block.data());
-          std::memcpy(dq + off + a * dim, dq_block.data(), band.rows * dim * sizeof(T));
-        }
-        band_transposed_accumulate(band, probs.data(), ld, go_block, dim, dv + off, seq, edge.data());
-        band_transposed_accumulate(band, dscores.data(), ld, q_block, dim, dk + off, seq, edge.data());
       }
-    }
-  });
+    });
+  }
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
