@@ -12,6 +12,12 @@ subprocess per row that alternates the two kernels (best of --repeats after a wa
 so the ratio is taken under one machine load; short calls get more pairs (--min-time).
 Absolute times on shared machines are noise.
 
+`stream ms` is a floor under both kernels: the time elementwise torch ops take, in the same
+loop, to read and write the tensors one fwd+bwd call must touch (forward: read q, k, v,
+write out; backward: read q, k, v, out, dO, write dq, dk, dv). The global layer does L/2W
+times the sliding-window layer's arithmetic on the same bytes, so at small W this floor is
+a sizeable part of the sliding-window call and a negligible part of the global one.
+
     python benchmarks/attention.py                 # table
     python benchmarks/attention.py --json          # JSON list of rows
     python benchmarks/attention.py --png out.png   # also a plot
@@ -28,7 +34,7 @@ import sys
 import time
 
 ROW_KEYS = ("sweep", "seq_len", "window", "swa_ms", "global_ms", "measured_ratio", "flop_ratio",
-            "fraction_of_flop_ratio", "swa_peak_mb", "global_peak_mb", "swa_kernel")
+            "fraction_of_flop_ratio", "swa_peak_mb", "global_peak_mb", "stream_ms", "swa_kernel")
 
 
 def flop_ratio(seq: int, window: int) -> float:
@@ -87,8 +93,18 @@ def _worker(spec: dict) -> dict:
             step(window)  # first call: its RSS high-water mark is this kernel's peak
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
         return {"peak_mb": max(peak_mb, 0.0), "kernel": kernel}
-    step(window), step(0)  # warm-up: allocator, page faults, compilation
-    swa, glob = [], []
+    def stream():  # the bytes a fwd+bwd call moves at least (see the module docstring)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = torch.addcmul(q, k, v)  # forward: q, k, v -> out
+            grad = torch.ones_like(out)  # dO, as step() makes it
+            torch.addcmul(q, k, v), torch.add(out, grad), torch.zeros_like(q)  # -> dq, dk, dv
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    step(window), step(0), stream()  # warm-up: allocator, page faults, compilation
+    swa, glob, floor = [], [], []
     started = time.perf_counter()
     # At least `repeats` pairs, and more while under `min_time` s: the best of 3 is a poor
     # estimate for a 10 ms call on a shared machine, and 30 pairs of the 30 s calls at
@@ -96,7 +112,8 @@ def _worker(spec: dict) -> dict:
     while len(swa) < spec["repeats"] or (time.perf_counter() - started < spec["min_time"] and len(swa) < 100):
         swa.append(step(window))
         glob.append(step(0))
-    return {"swa_ms": min(swa), "global_ms": min(glob), "kernel": kernel}
+        floor.append(stream())
+    return {"swa_ms": min(swa), "global_ms": min(glob), "stream_ms": min(floor), "kernel": kernel}
 
 
 def measure(spec: dict, cpu_kernel: str) -> dict:
@@ -132,7 +149,7 @@ def run(args) -> list[dict]:
             flop_ratio=round(flops, 3), fraction_of_flop_ratio=round(ratio / flops, 3),
             swa_peak_mb=round(swa_memory["peak_mb"], 1),
             global_peak_mb=round(memory_cache[seq]["peak_mb"], 1),
-            swa_kernel=timing["kernel"],
+            stream_ms=round(timing["stream_ms"], 2), swa_kernel=timing["kernel"],
         ))
         if not args.json:
             elapsed = time.time() - started
@@ -148,13 +165,13 @@ def print_table(rows, args) -> None:
           f"{args.device}, best of >= {args.repeats} alternated pairs (>= {args.min_time:g} s per row); "
           f"sliding-window kernel: {', '.join(kernels)}")
     head = f"{'sweep':<13}{'L':>7}{'W':>6}{'SWA ms':>10}{'global ms':>11}{'measured':>10}" \
-           f"{'FLOP':>8}{'fraction':>10}{'SWA MB':>9}{'global MB':>11}"
+           f"{'FLOP':>8}{'fraction':>10}{'SWA MB':>9}{'global MB':>11}{'stream ms':>11}"
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['sweep']:<13}{r['seq_len']:>7}{r['window']:>6}{r['swa_ms']:>10.1f}{r['global_ms']:>11.1f}"
               f"{r['measured_ratio']:>10.2f}{r['flop_ratio']:>8.2f}{r['fraction_of_flop_ratio']:>10.2f}"
-              f"{r['swa_peak_mb']:>9.1f}{r['global_peak_mb']:>11.1f}")
+              f"{r['swa_peak_mb']:>9.1f}{r['global_peak_mb']:>11.1f}{r['stream_ms']:>11.2f}")
     goal = [r for r in rows if r["sweep"] == "fixed_ratio"]
     if goal:
         fractions = ", ".join(f"L={r['seq_len']}: {r['fraction_of_flop_ratio']:.2f}" for r in goal)

@@ -36,7 +36,7 @@ def test_json_rows_have_the_documented_keys(tmp_path):
     ]
     for row in rows:
         assert set(attention_benchmark.ROW_KEYS) <= set(row)
-        assert row["swa_ms"] > 0 and row["global_ms"] > 0
+        assert row["swa_ms"] > 0 and row["global_ms"] > 0 and row["stream_ms"] > 0
         assert row["measured_ratio"] == pytest.approx(row["global_ms"] / row["swa_ms"], rel=0.05)
         assert row["swa_kernel"] == "native"
     assert (tmp_path / "plot.png").stat().st_size > 1000
