@@ -310,7 +310,9 @@ void band_times_rows(const Band& band, const T* probs, int64_t ld, const T* y, i
 // band column, in groups of 4 keys; probsᵀ is read in place (a_row = 1, a_k = ld) and
 // each group sums over only the rows that see it. dst is the head's [L, D] gradient.
 // Keys in [fresh_from, fresh_to) hold nothing yet: their first write stores instead of
-// adding, so dst needs no zero fill (fresh_from, fresh_to are multiples of 4).
+// adding, so dst needs no zero fill. fresh_to is a multiple of 4; fresh_from (a block
+// start) may not be, and a group starting before it was written whole (zeros included)
+// by the block that holds its first key's own query, so adding is right for all of it.
 template <typename T>
 void band_transposed_accumulate(const Band& band, const T* probs, int64_t ld, const T* xb,
                                 int64_t dim, T* dst, int64_t seq, T* edge, int64_t fresh_from,
