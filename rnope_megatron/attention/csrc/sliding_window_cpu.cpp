@@ -374,7 +374,7 @@ inline void mask_row(const Band& band, int64_t r, int64_t ld, T* row, int64_t& c
 // takes from its front, so consecutive items (neighbouring blocks of one head, whose K/V
 // rows and panels overlap) stay on one core; a thread whose range is empty takes from the
 // back of the fullest other range. Why not at::parallel_for: it splits statically, and on
-// a shared machine one core ran 20-30% slower than the other through whole calls
+// a shared machine one core ran 13-31% slower than the other through whole calls
 // (measured on this project's 2-core CI machines), which a static split waits for. Why
 // not one shared counter: interleaving neighbouring blocks across cores cost 10-20% in
 // the forward. Which thread computes an item never changes its result.
