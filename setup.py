@@ -11,13 +11,16 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["rnope_megatron", "rnope_megatron.*"]),
     # The CPU sliding-window kernel is compiled from source on first use (native_cpu.py).
-    package_data={"rnope_megatron.attention": ["csrc/*.cpp"]},
+    package_data={"rnope_megatron.attention": ["csrc/*.cpp", "csrc/*.h"]},
     python_requires=">=3.12",
     install_requires=[
         "megatron-core>=0.19,<0.20",
         "torch>=2.6",
         "pyyaml>=6",
         "numpy",
+        # megatron-core's checkpoint writer imports it at the first save (not a dependency
+        # of megatron-core itself).
+        "psutil",
     ],
     extras_require={
         # GPU clusters: Megatron's TE wrappers (fused attention, sliding windows, FP8).
@@ -25,7 +28,7 @@ setup(
         # Hugging Face conversion (rnope-convert) and its parity tests.
         "hf": ["transformers>=5.0", "safetensors"],
         "modelopt": ["nvidia-modelopt"],
-        "dev": ["pytest>=8", "psutil", "matplotlib", "tensorboard"],
+        "dev": ["pytest>=8", "matplotlib", "tensorboard"],
     },
     entry_points={
         "console_scripts": [

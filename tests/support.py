@@ -1,7 +1,9 @@
-"""Shared test helpers: process groups, a tiny config, multi-process runs under gloo."""
+"""Shared test helpers: process groups, a tiny config, multi-process runs under gloo, and
+the dense float64 attention every kernel is checked against."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 
@@ -44,3 +46,18 @@ def run_distributed(worker, world_size: int, *args) -> list:
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_entry, args=(world_size, port, out_dir, worker, args), nprocs=world_size, join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def dense_attention(q, k, v, window=None, scale=None):
+    """The oracle: softmax over an explicit [L, L] causal (or HF sliding-window) mask, in
+    float64, GQA by repeating K/V. q: [B, Hq, L, D]; k, v: [B, Hkv, L, D]."""
+    from rnope_megatron.attention.sliding_window import sliding_window_mask
+
+    q, k, v = (x.double() for x in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    seq = q.shape[2]
+    mask = sliding_window_mask(seq, window or seq)
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, -1) @ v

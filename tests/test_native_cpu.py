@@ -1,5 +1,6 @@
-"""The native CPU sliding-window kernel: its online softmax across key chunks (odd block
-sizes) against the dense float64 reference, and the build / cache / selection rules."""
+"""The native CPU sliding-window kernel against the dense float64 reference (odd block
+sizes, head-dim tails, segmented backward, forced work stealing, any thread count), and its
+build / cache / selection rules."""
 
 import math
 import os
@@ -10,13 +11,8 @@ import pytest
 import torch
 
 from rnope_megatron.attention import native_cpu
-from rnope_megatron.attention.sliding_window import sliding_window_attention, sliding_window_mask
-
-
-def _dense(q, k, v, window, scale):
-    mask = sliding_window_mask(q.shape[-2], window)
-    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, -1) @ v
+from rnope_megatron.attention.sliding_window import sliding_window_attention
+from tests.support import dense_attention
 
 
 @pytest.fixture
@@ -56,7 +52,7 @@ def test_kernel_matches_reference_for_any_block_and_head_dim(block_q, seq, windo
     ours_in = [x.to(dtype).requires_grad_() for x in (q, k, v)]
     ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
     out = native_cpu.sliding_window_cpu(*ours_in, window, scale)
-    ref = _dense(*ref_in, window, scale)
+    ref = dense_attention(*ref_in, window, scale)
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
     ours = torch.autograd.grad(out, ours_in, grad_out.to(dtype))
     theirs = torch.autograd.grad(ref, ref_in, grad_out)
@@ -118,7 +114,7 @@ def test_missing_compiler_falls_back_under_auto_and_fails_under_native(tmp_path,
     q, k, v = (torch.randn(1, 2, 40, 8, generator=g, dtype=torch.float64) for _ in range(3))
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
         out = sliding_window_attention(q, k, v, 6)
-    torch.testing.assert_close(out, _dense(q, k, v, 6, 1 / math.sqrt(8)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, dense_attention(q, k, v, 6, 1 / math.sqrt(8)), atol=1e-6, rtol=0)
     native_cpu._load.cache_clear()
     monkeypatch.setenv("RNOPE_SWA_CPU_KERNEL", "native")
     with pytest.raises(native_cpu.KernelBuildError, match="no C\\+\\+ compiler"):
@@ -180,6 +176,40 @@ def test_results_do_not_depend_on_the_thread_count():
         assert torch.equal(a, b)
 
 
+def test_forced_work_stealing_changes_no_bit(monkeypatch):
+    """Threads steal work when another lags (a loaded machine): with every item given to
+    thread 0's range, the other threads' whole share is stolen, forward and backward.
+    Results stay bit-identical to one thread and match the float64 reference."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v, grad_out = (torch.randn(1, 4, 700, 16, generator=g, dtype=torch.float64) for _ in range(4))
+
+    def run():
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = native_cpu.sliding_window_cpu(*inputs, 50, 0.25)
+        return [out.detach(), *torch.autograd.grad(out, inputs, grad_out)]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+        monkeypatch.setenv("RNOPE_SWA_FORCE_STEALS", "1")
+        before = native_cpu.stolen_items()
+        stolen = []
+        for n in (2, 3):
+            torch.set_num_threads(n)
+            stolen.append(run())
+        assert native_cpu.stolen_items() > before  # the stealing path did run
+    finally:
+        torch.set_num_threads(threads)
+    for result in stolen:
+        assert all(torch.equal(a, b) for a, b in zip(single, result))
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref_out = dense_attention(*ref_in, 50, 0.25)
+    torch.testing.assert_close(single[0], ref_out.detach(), atol=1e-12, rtol=0)
+    for ours, theirs in zip(single[1:], torch.autograd.grad(ref_out, ref_in, grad_out)):
+        torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
+
+
 # Batch·head 1 or 3 asks for many backward segments per head (the kernel aims at ~32
 # work items); at L = 333 these windows give 8, 4 and 2 segments (segment_rows in the
 # kernel), with blocks of 3, 7 and 64 rows, so segment starts fall off the 4-key groups.
@@ -194,7 +224,7 @@ def test_segmented_backward_matches_reference_for_any_thread_count(window, block
     g = torch.Generator().manual_seed(11)
     q, k, v, grad_out = (torch.randn(1, heads, 333, 8, generator=g, dtype=torch.float64) for _ in range(4))
     ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
-    theirs = torch.autograd.grad(_dense(*ref_in, window, 0.3), ref_in, grad_out)
+    theirs = torch.autograd.grad(dense_attention(*ref_in, window, 0.3), ref_in, grad_out)
     threads, results = torch.get_num_threads(), []
     try:
         for n in (1, 2, 3):

@@ -6,7 +6,6 @@ raise, so a case cannot silently pass through the wrong one).
 Tolerances: float64 inputs 1e-6 (torch's CPU flash kernel uses a ~20-bit exp on its
 causal path, measured ~1e-7); float32 inputs 2e-5."""
 
-import math
 import warnings
 
 import pytest
@@ -17,20 +16,9 @@ from rnope_megatron.attention.sliding_window import (
     causal_attention,
     query_tile,
     sliding_window_attention,
-    sliding_window_mask,
     sliding_window_mask_mod,
 )
-
-
-def dense_reference(q, k, v, window):
-    """softmax over an explicit [L, L] mask, in float64, GQA by repeating K/V."""
-    q, k, v = (x.double() for x in (q, k, v))
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    seq = q.shape[2]
-    mask = sliding_window_mask(seq, window) if window else sliding_window_mask(seq, seq)
-    return torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v
+from tests.support import dense_attention
 
 
 def _inputs(seq, heads, groups, dim=16, dtype=torch.float64, seed=0):
@@ -82,7 +70,7 @@ def test_matches_dense_reference_forward_and_gradients(seq, window, heads, group
     q, k, v = _inputs(seq, heads, groups, dtype=dtype)
     out = sliding_window_attention(q, k, v, window)
     ref_inputs = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    ref = dense_reference(*ref_inputs, window)
+    ref = dense_attention(*ref_inputs, window)
     assert out.shape == ref.shape and out.dtype == dtype
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
     grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -103,13 +91,13 @@ def test_window_actually_restricts(cpu_kernel):
 
 def test_global_causal_matches_reference():
     q, k, v = _inputs(50, 4, 2)
-    torch.testing.assert_close(causal_attention(q, k, v), dense_reference(q, k, v, None), atol=1e-6, rtol=0)
+    torch.testing.assert_close(causal_attention(q, k, v), dense_attention(q, k, v, None), atol=1e-6, rtol=0)
 
 
 def test_bf16_runs_and_is_close():
     q, k, v = _inputs(130, 4, 2, dtype=torch.bfloat16)
     out = sliding_window_attention(q, k, v, 32)
-    ref = dense_reference(q, k, v, 32)
+    ref = dense_attention(q, k, v, 32)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=0)
     out.sum().backward()
@@ -135,4 +123,4 @@ def test_flex_mask_mod_forward_matches_reference():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = flex.flex_attention(q, k, v, block_mask=mask)
-    torch.testing.assert_close(out.double(), dense_reference(q, k, v, 8), atol=2e-5, rtol=0)
+    torch.testing.assert_close(out.double(), dense_attention(q, k, v, 8), atol=2e-5, rtol=0)

@@ -32,7 +32,11 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "sliding_window_cpu.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCE = CSRC / "sliding_window_cpu.cpp"
+# The translation unit's headers (micro-kernel, band geometry, work scheduler): part of
+# the cache key, so editing any of them rebuilds.
+HEADERS = sorted(CSRC.glob("*.h"))
 KERNEL_DTYPES = (torch.float32, torch.float64)
 _CHOICES = ("auto", "native", "sdpa")
 
@@ -69,7 +73,7 @@ def _compile_command(output: Path) -> list[str]:
         compiler, "-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         *_vector_flags(),
-        *(f"-I{p}" for p in include_paths),
+        f"-I{CSRC}", *(f"-I{p}" for p in include_paths),
         str(SOURCE), "-o", str(output),
         *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs),
         "-ltorch", "-ltorch_cpu", "-lc10",
@@ -83,7 +87,8 @@ def _cache_dir() -> Path:
 def library_path() -> Path:
     """Where the shared object for this source, these flags and this torch lives."""
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
+    for path in (SOURCE, *HEADERS):
+        key.update(path.read_bytes())
     key.update(" ".join(_compile_command(Path("x"))).encode())
     key.update(torch.__version__.encode())
     return _cache_dir() / f"sliding_window_cpu-{key.hexdigest()[:16]}.so"
@@ -145,6 +150,20 @@ def native_kernel_usable(dtype: torch.dtype) -> bool:
             raise ValueError(f"the native CPU kernel supports {KERNEL_DTYPES}, got {dtype}")
         return False
     return _load()
+
+
+def kernel_in_use() -> str:
+    """Which kernel float32 sliding-window attention runs on here: ``native``, ``sdpa``
+    (the pure-torch path) or ``cuda`` (FlexAttention; the CPU kernels are not used)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "native" if native_kernel_usable(torch.float32) else "sdpa"
+
+
+def stolen_items() -> int:
+    """Work items threads took from each other's ranges since the kernel was loaded."""
+    _load()
+    return int(torch.ops.rnope.sliding_window_cpu_stolen_items())
 
 
 def block_rows(window: int) -> int:
