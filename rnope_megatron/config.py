@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from rnope_megatron.pattern import LayerKind, LayerPattern
 
 Backend = Literal["portable", "te"]
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Names of the dtypes recipes and tools accept (train.precision, rnope-convert --dtype).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclasses.dataclass
@@ -176,9 +177,9 @@ class RNoPEConfig:
 
         parallel = parallel or ParallelLayout()
         pattern = self.layer_pattern
-        if params_dtype not in _DTYPES:
-            raise ValueError(f"params_dtype must be one of {sorted(_DTYPES)}, got {params_dtype!r}")
-        dtype = _DTYPES[params_dtype]
+        if params_dtype not in DTYPES:
+            raise ValueError(f"params_dtype must be one of {sorted(DTYPES)}, got {params_dtype!r}")
+        dtype = DTYPES[params_dtype]
         on_gpu = torch.cuda.is_available()
         values = dict(
             num_layers=self.num_layers,
@@ -196,12 +197,8 @@ class RNoPEConfig:
             hidden_dropout=self.hidden_dropout,
             attention_dropout=self.attention_dropout,
             init_method_std=self.init_method_std,
-            # The pattern, in Megatron's own per-layer vocabulary. TE reads window_size
-            # through is_layer_window_attention(window_attn_skip_freq, layer_number); the
-            # portable backend reads it the same way, so both see the same layers.
-            window_size=pattern.te_window_size(),
-            window_attn_skip_freq=pattern.window_attn_skip_freq() if pattern.has_sliding else None,
-            no_rope_freq=pattern.no_rope_freq(),
+            # The pattern in Megatron's own per-layer vocabulary, for TE's wrappers.
+            **pattern.megatron_fields(),
             rotary_interleaved=self.rotary_interleaved,
             qk_layernorm=self.qk_norm_local or self.qk_norm_global,
             tensor_model_parallel_size=parallel.tensor,

@@ -23,6 +23,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def compute_device() -> torch.device | str:
+    """Where this rank computes: its CUDA device, or the CPU."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+
+
+def ensure_single_process() -> None:
+    """A one-rank process group and Megatron state (TP=PP=1, CPU compat on CPU), unless a
+    process group exists already (tools that load a model on one rank call this)."""
+    if not dist.is_initialized():
+        initialize_parallel(ParallelLayout())
+
+
 def shutdown_parallel() -> None:
     """Tear down Megatron's groups and the default process group, if any. Command-line
     tools call it before exiting: a gloo group left to interpreter shutdown aborts the

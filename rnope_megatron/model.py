@@ -65,3 +65,11 @@ def build_model(
     if post_process and model.logit_scale != 1.0:
         gpt.decoder.final_layernorm.register_forward_hook(_scale_logits_hook(model.logit_scale))
     return gpt
+
+
+def build_single_rank_model(model: RNoPEConfig, meta: bool = False):
+    """The whole model on one rank (TP=PP=1, portable backend), e.g. for conversion and
+    evaluation. ``meta``: on the meta device, without allocating weights (its
+    ``sharded_state_dict`` still names every tensor's checkpoint key and shape)."""
+    config = model.to_transformer_config(init_model_with_meta_device=meta, perform_initialization=not meta)
+    return build_model(model, config)

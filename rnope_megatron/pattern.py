@@ -100,7 +100,11 @@ class LayerPattern:
     def has_sliding(self) -> bool:
         return "S" in self.layers
 
-    # ---- Megatron-Core's native per-layer lists (opposite meanings of 1) ----
+    def window_of(self, kind: LayerKind) -> int | None:
+        """The HF window of a layer of this kind, or None for a global layer."""
+        return self.window if kind.sliding else None
+
+    # ---- Megatron-Core's native per-layer vocabulary (what TE's wrappers read) ----
     def window_attn_skip_freq(self) -> list[int]:
         """Megatron ``window_attn_skip_freq`` as a list: 1 = this layer uses the window."""
         return [int(c == "S") for c in self.layers]
@@ -116,6 +120,17 @@ class LayerPattern:
         the keys *before* the current one, HF counts the current one too."""
         return (self.window - 1, 0) if self.has_sliding else None
 
+    def megatron_fields(self) -> dict:
+        """The TransformerConfig fields that carry the pattern to Megatron's own modules
+        (TEDotProductAttention reads the window through ``is_layer_window_attention``).
+        Our portable modules get their window and RoPE base as spec params instead
+        (:mod:`rnope_megatron.specs`), from the same pattern."""
+        return dict(
+            window_size=self.te_window_size(),
+            window_attn_skip_freq=self.window_attn_skip_freq() if self.has_sliding else None,
+            no_rope_freq=self.no_rope_freq(),
+        )
+
     def hf_layer_types(self) -> list[str]:
         """Hugging Face ``layer_types`` (``sliding_attention`` / ``full_attention``)."""
         return ["sliding_attention" if c == "S" else "full_attention" for c in self.layers]
@@ -129,10 +144,3 @@ class LayerPattern:
             rows.append(f"layer {number:3d}  {letter}  {span:<12s} {'RoPE' if kind.rope else 'NoPE'}")
         return "\n".join(rows)
 
-
-def hf_window_from_te(window_size: tuple[int, int]) -> int:
-    """Inverse of :meth:`LayerPattern.te_window_size` (for reading Megatron configs)."""
-    left, right = window_size
-    if right != 0:
-        raise ValueError(f"only causal windows (left, 0) are supported, got {window_size}")
-    return left + 1

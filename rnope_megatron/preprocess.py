@@ -3,10 +3,12 @@
     rnope-preprocess --input a.jsonl b.jsonl --output-prefix data/web [--json-key text]
                      [--tokenizer bytes|path/to/tokenizer.json]
 
-``.jsonl`` files give one document per line (the ``--json-key`` field); any other file is
-one document. Each document ends with the tokenizer's end-of-document id. Progress is
-printed every few seconds; the outputs appear only when complete (written to temporary
-names, then renamed).
+``.jsonl`` files give one document per line (an object whose ``--json-key`` field is a
+string); any other file is one document. Input must be UTF-8. Each document ends with the
+tokenizer's end-of-document id. Documents are streamed (one line in memory at a time);
+progress is printed every few seconds; the outputs appear only when complete (written to
+temporary names, then renamed; removed on any error). An input without a single
+document is refused: it would make an unusable dataset.
 """
 
 from __future__ import annotations
@@ -17,31 +19,74 @@ import pathlib
 import sys
 import time
 
-from rnope_megatron.train.data import make_tokenizer, write_indexed
+
+def _decode(raw: bytes, path: pathlib.Path, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}{where}: not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 1]!r})") from None
 
 
 def iter_texts(paths: list[str], json_key: str):
+    """Documents of the inputs, one at a time (a JSONL file is read line by line)."""
     for name in paths:
         path = pathlib.Path(name)
         if not path.is_file():
-            raise SystemExit(f"rnope-preprocess: input not found: {path}")
-        if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for number, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise SystemExit(f"rnope-preprocess: {path}:{number}: not JSON ({err.msg})") from None
-                    if json_key not in record:
-                        raise SystemExit(f"rnope-preprocess: {path}:{number}: no key {json_key!r}")
-                    yield record[json_key]
-        else:
-            yield path.read_text(encoding="utf-8", errors="replace")
+            raise FileNotFoundError(f"input not found: {path}")
+        if path.suffix != ".jsonl":
+            yield _decode(path.read_bytes(), path, "")
+            continue
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                line = _decode(raw, path, f":{number}")
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+                if json_key not in record:
+                    raise ValueError(f"{path}:{number}: no key {json_key!r}")
+                text = record[json_key]
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{number}: {json_key!r} must be a string, got {type(text).__name__}")
+                del record, line  # only the text stays alive while it is tokenized
+                yield text
 
 
-def main(argv=None) -> dict:
+def preprocess(inputs: list[str], output_prefix: str, tokenizer_spec: str = "bytes", json_key: str = "text") -> dict:
+    """Tokenize ``inputs`` into ``output_prefix.bin/.idx``; returns the counts."""
+    from rnope_megatron.data.dataset import documents_with_eod
+    from rnope_megatron.data.indexed import write_indexed
+    from rnope_megatron.data.tokenizers import make_tokenizer
+
+    tokenizer = make_tokenizer(tokenizer_spec)
+    stats = {"documents": 0, "tokens": 0}
+    last = [time.time()]
+
+    def counted(docs):
+        for doc in docs:
+            stats["documents"] += 1
+            stats["tokens"] += doc.size
+            if time.time() - last[0] > 5:
+                last[0] = time.time()
+                print(f"  {stats['documents']:,} documents, {stats['tokens']:,} tokens", file=sys.stderr, flush=True)
+            yield doc
+        if stats["documents"] == 0:  # raised inside the writer: it removes its temporary files
+            raise ValueError(f"no documents in {', '.join(inputs)} (empty input would make an unusable dataset)")
+
+    write_indexed(output_prefix, counted(documents_with_eod(iter_texts(inputs, json_key), tokenizer)),
+                  tokenizer.vocab_size)
+    print(f"wrote {output_prefix}.bin/.idx: {stats['documents']:,} documents, {stats['tokens']:,} tokens "
+          f"(vocab {tokenizer.vocab_size})")
+    return stats
+
+
+def main(argv=None) -> int:
+    from rnope_megatron.cli import one_line_errors, quiet_known_warnings
+
     parser = argparse.ArgumentParser(prog="rnope-preprocess", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True)
@@ -49,25 +94,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--tokenizer", default="bytes")
     parser.add_argument("--json-key", default="text")
     args = parser.parse_args(argv)
-    tokenizer = make_tokenizer(args.tokenizer)
-    stats = {"documents": 0, "tokens": 0}
-    last = [time.time()]
-
-    def documents():
-        for text in iter_texts(args.input, args.json_key):
-            ids = tokenizer.tokenize(text) + [tokenizer.eod]
-            stats["documents"] += 1
-            stats["tokens"] += len(ids)
-            if time.time() - last[0] > 5:
-                last[0] = time.time()
-                print(f"  {stats['documents']:,} documents, {stats['tokens']:,} tokens", file=sys.stderr, flush=True)
-            yield ids
-
-    write_indexed(args.output_prefix, documents(), tokenizer.vocab_size)
-    print(f"wrote {args.output_prefix}.bin/.idx: {stats['documents']:,} documents, {stats['tokens']:,} tokens "
-          f"(vocab {tokenizer.vocab_size})")
-    return stats
+    quiet_known_warnings()
+    with one_line_errors("rnope-preprocess"):
+        preprocess(args.input, args.output_prefix, args.tokenizer, args.json_key)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -8,9 +8,11 @@ the sequential block fuses the input norm into ``linear_qkv`` and the pre-MLP no
 ``TENorm`` feeding two plain column-parallel linears (one shared norm, not two copies).
 
 ``portable``: Megatron's local tensor-parallel linears, our device-agnostic norm and core
-attention (blocked O(L·W) sliding window on CPU, FlexAttention on CUDA).
+attention (the native banded O(L·W) kernel on CPU, FlexAttention on CUDA), which gets the
+layer's window as a spec parameter.
 
-Both: ``RNoPESelfAttention`` applies RoPE only on layers whose kind has it.
+Both: ``RNoPESelfAttention`` gets the layer's RoPE base as a spec parameter (None: NoPE).
+Layer kinds thus reach every module from the pattern, one way.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from rnope_megatron.attention.core import PortableDotProductAttention
 from rnope_megatron.attention.self_attention import RNoPESelfAttention
 from rnope_megatron.config import RNoPEConfig
-from rnope_megatron.layers import ParallelAttentionMLPLayer
+from rnope_megatron.parallel_block import ParallelAttentionMLPLayer
 from rnope_megatron.norms import PortableNorm
 from rnope_megatron.pattern import LayerKind
 
@@ -78,12 +80,15 @@ def layer_spec(model: RNoPEConfig, kind: LayerKind, backend: str = "portable") -
     # the parallel block's single norm feeds two linears.
     fuse_norm = m["norm_column"] is not None and not parallel_block
     qk_norm = m["norm"] if model.qk_norm_for(kind) else IdentityOp
+    core_attention = m["core_attention"]
+    if backend == "portable":  # ours takes the window from the pattern; TE's reads config.window_size
+        core_attention = ModuleSpec(module=core_attention, params={"window": model.layer_pattern.window_of(kind)})
     attention = ModuleSpec(
         module=RNoPESelfAttention,
         params={"attn_mask_type": AttnMaskType.causal, "rope_theta": model.rope_theta_for(kind)},
         submodules=SelfAttentionSubmodules(
             linear_qkv=m["norm_column"] if fuse_norm else m["column"],
-            core_attention=m["core_attention"],
+            core_attention=core_attention,
             linear_proj=m["row"],
             q_layernorm=qk_norm,
             k_layernorm=qk_norm,

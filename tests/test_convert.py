@@ -17,7 +17,8 @@ import yaml
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, Cohere2Config, Cohere2ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM  # noqa: E402
 
-from rnope_megatron.convert import hf_config, tables  # noqa: E402
+from rnope_megatron.convert.adapter import adapter_named, adapter_of  # noqa: E402
+from rnope_megatron.convert.streaming import hf_to_megatron, megatron_to_hf  # noqa: E402
 from rnope_megatron.model import build_model  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -66,10 +67,10 @@ HF_MODELS = {
 
 
 def ours_from_hf(hf_model):
-    cfg = hf_config.from_hf(hf_model.config.to_dict())
-    arch = hf_config.arch_of(hf_model.config.to_dict())
+    adapter = adapter_of(hf_model.config.to_dict())
+    cfg = adapter.from_hf(hf_model.config.to_dict())
     model = build_model(cfg, cfg.to_transformer_config()).eval()
-    state = tables.hf_to_megatron(arch, cfg, hf_model.state_dict())
+    state = hf_to_megatron(adapter, cfg, hf_model.state_dict())
     result = model.load_state_dict(state, strict=False)
     assert [k for k in result.missing_keys if not k.endswith("_extra_state")] == [] and not result.unexpected_keys
     return cfg, model
@@ -114,7 +115,7 @@ def test_round_trip_export_eval_and_transformers_load(megatron_single, tmp_path,
     config = json.loads((tmp_path / "hf2" / "config.json").read_text())
     assert config["layer_types"] == hf_model.config.layer_types
     # the exported model's logits equal our checkpoint's
-    from rnope_megatron.eval import load_model
+    from rnope_megatron.checkpoint.reader import load_model
 
     _, ours = load_model(tmp_path / "mg")
     probe = _ids(hf_model.config.vocab_size, seed=2)
@@ -133,8 +134,10 @@ def test_round_trip_export_eval_and_transformers_load(megatron_single, tmp_path,
 
 
 def test_checkpoints_saved_with_tp2_and_pp2_export_identically(tmp_path, data_cache=None):
-    """Weights from from-hf pass through rnope-train at lr=0 under TP=2 and under PP=2;
-    each saved checkpoint exports bit-identically to the TP=PP=1 one."""
+    """Weights from from-hf pass through rnope-train under TP=2 and under PP=2 at lr=1e-30
+    (lr=0 is refused as a recipe error; an Adam step of 1e-30 is below every weight's
+    float32 resolution, so the weights do not move); each saved checkpoint exports
+    bit-identically to the TP=PP=1 one."""
     hf_model = cohere2(vocab=512)
     hf_model.save_pretrained(tmp_path / "hf")
     run_cli("-m", "rnope_megatron.convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "mg"))
@@ -144,7 +147,7 @@ def test_checkpoints_saved_with_tp2_and_pp2_export_identically(tmp_path, data_ca
         "base": str(ROOT / "recipes" / "tiny-cpu.yaml"), "model": model,
         "train": {"iters": 2, "stop_at": 1, "seq_length": 64, "micro_batch_size": 2, "global_batch_size": 4,
                   "layout_invariant_init": False},
-        "optimizer": {"lr": 0.0, "min_lr": 0.0, "weight_decay": 0.0},
+        "optimizer": {"lr": 1e-30, "min_lr": 0.0, "weight_decay": 0.0},
         "scheduler": {"warmup_iters": 0, "decay_style": "constant"},
         "checkpoint": {"load": str(tmp_path / "mg"), "reset_optimizer": True},
         "logging": {"tensorboard": False},
@@ -178,35 +181,35 @@ SMOLLM3_3B = {  # shapes of HuggingFaceTB/SmolLM3-3B's config.json (transformers
 
 
 def test_real_configs_import():
-    r7b = hf_config.from_hf(COMMAND_R7B)
+    r7b = adapter_of(COMMAND_R7B).from_hf(COMMAND_R7B)
     assert r7b.layer_pattern.layers == "SSSG" * 8 and r7b.window == 4096 and r7b.rope_theta == 50000.0
     assert r7b.block == "parallel" and r7b.normalization == "LayerNorm" and r7b.rotary_interleaved
     assert r7b.logit_scale == 0.25 and r7b.query_groups == 8 and r7b.ffn_size == 14336
-    smol = hf_config.from_hf(SMOLLM3_3B)
+    smol = adapter_of(SMOLLM3_3B).from_hf(SMOLLM3_3B)
     assert smol.layer_pattern.layers == "RRRG" * 9  # NoPE every 4th layer, no sliding window
     assert smol.rope_theta == 5e6 and smol.block == "sequential" and not smol.rotary_interleaved
 
 
 def test_refusals_name_the_reason():
-    cfg = hf_config.from_hf(COMMAND_R7B)
+    cfg = adapter_of(COMMAND_R7B).from_hf(COMMAND_R7B)
     import dataclasses
 
     with pytest.raises(ValueError, match="QK-norm"):
-        hf_config.to_hf(dataclasses.replace(cfg, qk_norm_global=True), "cohere2")
+        adapter_named("cohere2").to_hf(dataclasses.replace(cfg, qk_norm_global=True))
     with pytest.raises(ValueError, match="smollm3 needs block=sequential"):
-        hf_config.to_hf(cfg, "smollm3")
+        adapter_named("smollm3").to_hf(cfg)
     with pytest.raises(ValueError, match="sliding layers: the pattern may only use S and G"):
-        hf_config.to_hf(dataclasses.replace(cfg, pattern="SSSR"), "cohere2")
+        adapter_named("cohere2").to_hf(dataclasses.replace(cfg, pattern="SSSR"))
     with pytest.raises(ValueError, match="sliding-window NoPE layer"):
-        hf_config.from_hf(dict(SMOLLM3_3B, use_sliding_window=True, layer_types=["sliding_attention"] * 36,
-                               sliding_window=4096))
+        adapter_named("smollm3").from_hf(dict(SMOLLM3_3B, use_sliding_window=True,
+                                              layer_types=["sliding_attention"] * 36, sliding_window=4096))
     with pytest.raises(ValueError, match="RoPE scaling 'yarn'"):
-        hf_config.from_hf(dict(SMOLLM3_3B, rope_parameters={"rope_theta": 1.0, "rope_type": "yarn"}))
+        adapter_named("smollm3").from_hf(dict(SMOLLM3_3B, rope_parameters={"rope_theta": 1.0, "rope_type": "yarn"}))
     bias = {"model.layers.0.self_attn.q_proj.bias": torch.zeros(1)}
-    small = hf_config.from_hf(cohere2(layers=4).config.to_dict())
+    small = adapter_named("cohere2").from_hf(cohere2(layers=4).config.to_dict())
     state = dict(cohere2(layers=4).state_dict(), **bias)
     with pytest.raises(ValueError, match="cannot represent Hugging Face tensor model.layers.0.self_attn.q_proj.bias"):
-        tables.hf_to_megatron("cohere2", small, state)
+        hf_to_megatron(adapter_named("cohere2"), small, state)
 
 
 def test_cli_refuses_non_empty_output_and_truncated_input(tmp_path):
@@ -228,7 +231,7 @@ def test_export_across_rope_layouts_permutes_q_and_k(megatron_single, arch, inte
     """A model trained with the other RoPE layout exports with q/k rows permuted per head:
     transformers' logits still equal ours."""
     from rnope_megatron.config import RNoPEConfig
-    from rnope_megatron.weights import fill_from_global, seeded_full_tensor
+    from rnope_megatron.layout_invariant_init import fill_from_global, seeded_full_tensor
 
     cohere = arch == "cohere2"
     cfg = RNoPEConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
@@ -237,16 +240,17 @@ def test_export_across_rope_layouts_permutes_q_and_k(megatron_single, arch, inte
                       norm_eps=1e-5, logit_scale=0.5 if cohere else 1.0)
     ours = build_model(cfg, cfg.to_transformer_config()).eval()
     fill_from_global(ours, seeded_full_tensor(seed=5, std=0.08))
-    hf_cfg = hf_config.to_hf(cfg, arch)
+    adapter = adapter_named(arch)
+    hf_cfg = adapter.to_hf(cfg)
     config_cls = Cohere2Config if cohere else SmolLM3Config
     hf_model = (Cohere2ForCausalLM if cohere else SmolLM3ForCausalLM)(config_cls(**dict(hf_cfg, pad_token_id=0))).eval()
     state = {k: v for k, v in ours.state_dict().items() if not k.endswith("_extra_state")}
-    result = hf_model.load_state_dict(tables.megatron_to_hf(arch, cfg, state), strict=False)
+    result = hf_model.load_state_dict(megatron_to_hf(adapter, cfg, state), strict=False)
     assert set(result.missing_keys) <= {"lm_head.weight"} and not result.unexpected_keys  # tied head
     ids = _ids(cfg.vocab_size, seed=4)
     with torch.no_grad():
         torch.testing.assert_close(hf_model(ids).logits, ours(ids, torch.arange(SEQ).expand(2, -1), None), **TOL)
-    back = tables.hf_to_megatron(arch, cfg, tables.megatron_to_hf(arch, cfg, state))
+    back = hf_to_megatron(adapter, cfg, megatron_to_hf(adapter, cfg, state))
     assert all(torch.equal(back[k], state[k]) for k in back)  # the permutation inverts exactly
 
 

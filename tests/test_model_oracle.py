@@ -12,7 +12,7 @@ from megatron.core.transformer.spec_utils import build_module
 
 from rnope_megatron.model import build_model
 from rnope_megatron.specs import layer_spec
-from rnope_megatron.weights import fill_from_global, seeded_full_tensor
+from rnope_megatron.layout_invariant_init import fill_from_global, seeded_full_tensor
 from tests.support import tiny_config
 
 TOL = dict(atol=2e-5, rtol=0)

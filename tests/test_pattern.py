@@ -2,7 +2,7 @@
 
 import pytest
 
-from rnope_megatron.pattern import LayerPattern, expand_pattern, hf_window_from_te
+from rnope_megatron.pattern import LayerKind, LayerPattern, expand_pattern
 
 
 def test_block_repeats_to_num_layers():
@@ -62,13 +62,14 @@ def test_global_layers_are_every_fourth_one_based():
         p.kind(13)
 
 
-def test_window_conversion_hf_to_te_and_back():
+def test_window_conversion_hf_to_te_and_per_kind():
     p = LayerPattern.build("SSSG", 4, 4096)
     assert p.te_window_size() == (4095, 0)  # TE counts keys before the current one
-    assert hf_window_from_te(p.te_window_size()) == 4096
+    assert p.megatron_fields() == dict(window_size=(4095, 0), window_attn_skip_freq=[1, 1, 1, 0],
+                                       no_rope_freq=[0, 0, 0, 1])
     assert LayerPattern.build("G", 4, 4096).te_window_size() is None
-    with pytest.raises(ValueError, match="causal"):
-        hf_window_from_te((4095, 3))
+    # the portable modules get the HF window itself, per kind
+    assert p.window_of(LayerKind.of("S")) == 4096 and p.window_of(LayerKind.of("G")) is None
 
 
 def test_hf_layer_types():

@@ -11,7 +11,7 @@ from megatron.core.transformer.utils import is_layer_window_attention
 from rnope_megatron.attention.core import PortableDotProductAttention
 from rnope_megatron.attention.self_attention import RNoPESelfAttention
 from rnope_megatron.config import ParallelLayout
-from rnope_megatron.layers import ParallelAttentionMLPLayer
+from rnope_megatron.parallel_block import ParallelAttentionMLPLayer
 from rnope_megatron.norms import PortableNorm
 from rnope_megatron.specs import block_spec, layer_spec, stage_layer_numbers
 from tests.support import tiny_config
@@ -62,7 +62,10 @@ def test_portable_spec_structure_and_checkpoint_keys():
     cfg = tiny_config(qk_norm_global=True)
     local = layer_spec(cfg, cfg.layer_pattern.kind(1))
     glob = layer_spec(cfg, cfg.layer_pattern.kind(4))
-    assert _attention(local).submodules.core_attention is PortableDotProductAttention
+    # the window reaches our core attention as a spec parameter, from the pattern
+    assert _attention(local).submodules.core_attention.module is PortableDotProductAttention
+    assert _attention(local).submodules.core_attention.params == {"window": 8}
+    assert _attention(glob).submodules.core_attention.params == {"window": None}
     assert _attention(local).submodules.linear_qkv is ColumnParallelLinear
     assert local.submodules.input_layernorm is PortableNorm
     # QK-norm per kind: only the global layer has it here

@@ -234,7 +234,7 @@ def test_preprocess_names_the_bad_line(tmp_path):
 
 def test_preprocess_with_a_hugging_face_tokenizer_file(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
-    from rnope_megatron.train.data import HFTokenizer
+    from rnope_megatron.data.tokenizers import HFTokenizer
 
     words = ["<|endoftext|>", "[UNK]", "hello", "world", "again"]
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))

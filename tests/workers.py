@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from rnope_megatron.config import ParallelLayout
 from rnope_megatron.model import build_model
-from rnope_megatron.weights import fill_from_global, local_shards, seeded_full_tensor
+from rnope_megatron.layout_invariant_init import fill_from_global, local_shards, seeded_full_tensor
 from tests.support import init_megatron, tiny_config
 
 

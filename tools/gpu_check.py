@@ -56,7 +56,7 @@ def check_flex(results):
 def check_model(results):
     from rnope_megatron import ParallelLayout, RNoPEConfig, build_model
     from rnope_megatron.distributed import initialize_parallel, shutdown_parallel
-    from rnope_megatron.weights import fill_from_global, seeded_full_tensor
+    from rnope_megatron.layout_invariant_init import fill_from_global, seeded_full_tensor
 
     initialize_parallel(ParallelLayout())
     try:

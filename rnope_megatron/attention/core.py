@@ -1,8 +1,8 @@
 """Portable core attention: Megatron's core-attention slot, plain torch, any device.
 
-Decides sliding vs global exactly as Megatron's TE wrapper does
-(``is_layer_window_attention(config.window_size, config.window_attn_skip_freq,
-layer_number)``), so both backends give the same layers a window."""
+The layer's window comes as a spec parameter from the pattern
+(:func:`rnope_megatron.specs.layer_spec`), as the RoPE base does for the self-attention:
+the layer kind travels one way, from the pattern to the module."""
 
 from __future__ import annotations
 
@@ -10,15 +10,18 @@ import math
 
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.utils import is_layer_window_attention
 
 from rnope_megatron.attention.sliding_window import causal_attention, sliding_window_attention
-from rnope_megatron.pattern import hf_window_from_te
 
 
 class PortableDotProductAttention(MegatronModule):
     """softmax(QK^T·scale) V over causal or sliding-window spans, [s, b, h, d] in and
-    [s, b, h·d] out, like Megatron's DotProductAttention. Sliding layers cost O(L·W)."""
+    [s, b, h·d] out, like Megatron's DotProductAttention. Sliding layers cost O(L·W).
+
+    Args:
+        window: the layer's sliding window in HF semantics (W keys including the current
+            one), or None for a global causal layer.
+    """
 
     def __init__(
         self,
@@ -30,6 +33,7 @@ class PortableDotProductAttention(MegatronModule):
         softmax_scale=None,
         cp_comm_type=None,
         pg_collection=None,
+        window: int | None = None,
     ):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
@@ -44,13 +48,7 @@ class PortableDotProductAttention(MegatronModule):
             raise ValueError(f"portable attention is causal only, got {attn_mask_type}")
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
-        self.window = (
-            hf_window_from_te(config.window_size)
-            if is_layer_window_attention(
-                config.window_size, config.window_attn_skip_freq, layer_number
-            )
-            else None
-        )
+        self.window = window
 
     def forward(
         self, query, key, value, attention_mask=None, attn_mask_type=None,

@@ -28,8 +28,10 @@ import types
 
 import torch
 
-# Megatron modules whose module-level ``torch`` is proxied (found by running Megatron's
-# training path on a CUDA-less machine; see shared/reference/FACTS.md).
+# Megatron modules whose module-level ``torch`` is proxied: the ones that placed tensors
+# on CUDA or called CUDA streams/events/synchronize when Megatron's training path
+# (schedules, DDP, optimizer, dist-checkpointing, rotary, attention) ran on a CUDA-less
+# machine. tests/test_compat.py and the trainer tests exercise each.
 SCOPED_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.p2p_communication",

@@ -16,9 +16,10 @@ import math
 import torch
 import torch.distributed as dist
 
+from rnope_megatron.data.dataset import batch_for
+from rnope_megatron.distributed import compute_device
+from rnope_megatron.layout_invariant_init import fill_from_global, seeded_full_tensor
 from rnope_megatron.model import build_model
-from rnope_megatron.train import data as data_lib
-from rnope_megatron.weights import fill_from_global, seeded_full_tensor
 
 
 def te_rope_fusion_available() -> bool:
@@ -63,93 +64,119 @@ class StepResult:
 
 
 class Engine:
-    """Model, optimizer, scheduler and the step function for one rank."""
+    """Model, optimizer, scheduler and the step function for one rank, built from the
+    recipe in named steps (config, chunks, DDP, optimizer, scheduler, schedule hooks)."""
 
     def __init__(self, recipe, dp_size: int):
         from megatron.core import parallel_state
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.recipe = recipe
         self.dp_size = dp_size
-        t, o, layout = recipe.train, recipe.optimizer, recipe.parallel
-        cuda = torch.cuda.is_available()
-        distributed_optimizer = cuda if o.distributed is None else o.distributed
-        self.optimizer_is_distributed = distributed_optimizer
-        _check_optimizer_format(distributed_optimizer, recipe.checkpoint.optimizer_format)
+        o = recipe.optimizer
+        self.optimizer_is_distributed = torch.cuda.is_available() if o.distributed is None else o.distributed
+        _check_optimizer_format(self.optimizer_is_distributed, recipe.checkpoint.optimizer_format)
+        self.config = self._transformer_config()
+        self.model = self._wrap_in_ddp(self._build_chunks())
+        self.optimizer = self._build_optimizer()
+        self.scheduler = self._build_scheduler()
+        self._install_schedule_hooks()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        # Last-stage ranks of TP rank 0 report; CP ranks hold different tokens, all report.
+        self.reports_loss = self.last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
+        self.cp_group = parallel_state.get_context_parallel_group() if recipe.parallel.context > 1 else None
+
+    def _transformer_config(self):
+        t, layout = self.recipe.train, self.recipe.parallel
         overrides = {}
         if layout.virtual_pipeline:
             # As megatron.training does for the interleaved schedule: unbatched p2p with
             # overlap. Batched p2p posts sends to prev and next in one batch; with PP=2
             # both are the same peer, and gloo (CPU) then matches them out of order.
             overrides.update(overlap_p2p_comm=True, batch_p2p_comm=False)
-        overrides.update(fusion_overrides(cuda if t.fusions is None else t.fusions, t.backend))
+        overrides.update(fusion_overrides(torch.cuda.is_available() if t.fusions is None else t.fusions, t.backend))
         if t.recompute:
             overrides["recompute_granularity"] = t.recompute
             if t.recompute == "full":
                 overrides.update(recompute_method="uniform", recompute_num_layers=1)
-        self.config = recipe.model.to_transformer_config(layout, params_dtype=t.precision, **overrides)
+        return self.recipe.model.to_transformer_config(layout, params_dtype=t.precision, **overrides)
 
+    def _build_chunks(self) -> list:
+        """This rank's model chunks (one per virtual pipeline stage)."""
+        from megatron.core import parallel_state
+
+        t, layout = self.recipe.train, self.recipe.parallel
         chunks = []
-        vp_stages = range(layout.virtual_pipeline) if layout.virtual_pipeline else [None]
-        for vp_stage in vp_stages:
+        for vp_stage in range(layout.virtual_pipeline) if layout.virtual_pipeline else [None]:
             chunk = build_model(
-                recipe.model, self.config, backend=t.backend, vp_stage=vp_stage,
+                self.recipe.model, self.config, backend=t.backend, vp_stage=vp_stage,
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             )
-            if cuda:
+            if torch.cuda.is_available():
                 chunk.cuda(torch.cuda.current_device())
             chunks.append(chunk)
         if t.layout_invariant_init:
             # Same weights whatever TP/PP/VPP: parallel runs are comparable with one process.
-            fill_from_global(chunks, seeded_full_tensor(t.seed, recipe.model.init_method_std))
+            fill_from_global(chunks, seeded_full_tensor(t.seed, self.recipe.model.init_method_std))
+        return chunks
+
+    def _wrap_in_ddp(self, chunks: list) -> list:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=t.precision != "fp32",
+            grad_reduce_in_fp32=self.recipe.train.precision != "fp32",
             overlap_grad_reduce=False,
-            use_distributed_optimizer=distributed_optimizer,
+            use_distributed_optimizer=self.optimizer_is_distributed,
         )
-        self.model = [
+        model = [
             DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=chunk,
                                     disable_bucketing=index > 0)
             for index, chunk in enumerate(chunks)
         ]
-        for chunk in self.model:
+        for chunk in model:
             chunk.broadcast_params()
+        return model
 
+    def _build_optimizer(self):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        o, t = self.recipe.optimizer, self.recipe.train
         opt_config = OptimizerConfig(
             optimizer=o.name, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
             adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
             clip_grad=o.clip_grad, bf16=t.precision == "bf16", fp16=t.precision == "fp16",
-            params_dtype=self.config.params_dtype, use_distributed_optimizer=distributed_optimizer,
+            params_dtype=self.config.params_dtype, use_distributed_optimizer=self.optimizer_is_distributed,
         )
-        self.optimizer = get_megatron_optimizer(opt_config, self.model)
-        s = recipe.scheduler
+        return get_megatron_optimizer(opt_config, self.model)
+
+    def _build_scheduler(self):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        o, s, t = self.recipe.optimizer, self.recipe.scheduler, self.recipe.train
         decay_iters = s.decay_iters or t.iters
-        self.scheduler = OptimizerParamScheduler(
+        samples = t.global_batch_size  # Megatron's scheduler counts samples
+        wsd = s.decay_style == "WSD"
+        return OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
-            lr_warmup_steps=s.warmup_iters * t.global_batch_size,
-            lr_decay_steps=decay_iters * t.global_batch_size, lr_decay_style=s.decay_style,
-            start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=decay_iters * t.global_batch_size,
+            lr_warmup_steps=s.warmup_iters * samples,
+            lr_decay_steps=decay_iters * samples, lr_decay_style=s.decay_style,
+            start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=decay_iters * samples,
             wd_incr_style="constant",
-            wsd_decay_steps=(s.wsd_decay_iters or decay_iters // 10) * t.global_batch_size
-            if s.decay_style == "WSD" else None,
-            lr_wsd_decay_style="linear" if s.decay_style == "WSD" else None,
+            wsd_decay_steps=(s.wsd_decay_iters or decay_iters // 10) * samples if wsd else None,
+            lr_wsd_decay_style="linear" if wsd else None,
             # The recipe wins over the values stored in a checkpoint (progress still
             # resumes): changing optimizer.lr or train.iters on resume takes effect.
             use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
         )
-        # Hooks the schedules call (as megatron.training sets them).
+
+    def _install_schedule_hooks(self) -> None:
+        """The hooks Megatron's pipeline schedules call (as megatron.training sets them)."""
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
         self.config.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.grad_scale_func = self.optimizer.scale_loss
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-        # Last-stage ranks of TP rank 0 report; CP ranks hold different tokens, all report.
-        self.reports_loss = self.last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
-        self.cp_group = parallel_state.get_context_parallel_group() if layout.context > 1 else None
 
     # ------------------------------------------------------------------ stepping
     @property
@@ -179,7 +206,7 @@ class Engine:
 
     def _grads_finite(self) -> bool:
         """All ranks agree whether every (already reduced) gradient is finite."""
-        bad = torch.zeros(1, device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+        bad = torch.zeros(1, device=compute_device())
         for chunk in self.model:
             for param in chunk.parameters():
                 grad = getattr(param, "main_grad", None)
@@ -195,9 +222,9 @@ class Engine:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         t = self.recipe.train
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = compute_device()
         micro = [
-            {k: v.to(device) for k, v in data_lib.batch_for(dataset, iteration, m, self.recipe, self.dp_rank, self.dp_size).items()}
+            {k: v.to(device) for k, v in batch_for(dataset, iteration, m, self.recipe, self.dp_rank, self.dp_size).items()}
             for m in range(self.num_microbatches)
         ]
         iterators = [iter(micro) for _ in self.model]

@@ -1,4 +1,8 @@
-"""Progress reporting: a console line, ``metrics.jsonl`` and TensorBoard (if installed)."""
+"""Progress reporting: a console line, ``metrics.jsonl`` and TensorBoard (if installed).
+
+Each iteration appears once in ``metrics.jsonl``: a resumed run first drops the records
+of iterations after its checkpoint (logged by the run that was killed, and about to be
+logged again), and TensorBoard purges its events from the same step on."""
 
 from __future__ import annotations
 
@@ -6,6 +10,27 @@ import json
 import math
 import pathlib
 import time
+
+
+def _keep_records_up_to(path: pathlib.Path, iteration: int) -> None:
+    """Rewrite ``path`` (atomically) without the records of iterations after
+    ``iteration``, and without a torn last line a kill may have left."""
+    if not path.exists():
+        return
+    kept, dropped = [], False
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            if record["iteration"] <= iteration:
+                kept.append(line)
+                continue
+        except (ValueError, KeyError, TypeError):
+            pass
+        dropped = True
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -30,22 +55,28 @@ class MetricsLogger:
         self.window_start = time.time()
         self.window_tokens = 0
         self.writer = None
+        self.tensorboard_state = "off"
         if not active:
             return
         run_dir = pathlib.Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        path = run_dir / "metrics.jsonl"
+        _keep_records_up_to(path, start_iteration)
+        self.jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_iteration + 1)
             except ImportError:
-                self.writer = None
+                self.tensorboard_state = "not installed"
 
     @property
     def tensorboard_dir(self):
         return self.writer.log_dir if self.writer else None
+
+    def describe_tensorboard(self) -> str:
+        return self.writer.log_dir if self.writer else self.tensorboard_state
 
     def restart_window(self) -> None:
         self.window_start, self.window_tokens = time.time(), 0

@@ -4,8 +4,10 @@ A recipe has the sections ``model`` (:class:`RNoPEConfig`), ``parallel``
 (:class:`ParallelLayout`), ``train``, ``optimizer``, ``scheduler``, ``data``,
 ``checkpoint`` and ``logging``. Unknown keys are errors naming their path; ``a.b=value``
 arguments override values; ``base: other.yaml`` inherits one level (the base may not
-itself have a base). :func:`validate` checks every cross-field constraint before any
-process group exists, so a bad recipe fails in a second, not after the job is scheduled.
+itself have a base); a section given as a file name (``model: models/paper-8b.yaml``) is
+read from that file, relative to the recipe naming it. :func:`validate` (in
+:mod:`.validation`) checks every cross-field constraint before any process group exists,
+so a bad recipe fails in a second, not after the job is scheduled.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ class TrainSection:
     layout_invariant_init: bool = False
     """Initialise weights from full tensors keyed by name (identical for every TP/PP/VPP
     layout; costs a full-size tensor per weight on each rank: small models only)."""
+    cpu_threads: Optional[int] = None
+    """torch intra-op threads on CPU, pinned for the run and recorded with each checkpoint
+    (resuming under another count stays correct but is no longer bit-identical).
+    None = torch's default (the machine's cores)."""
+    state_digest: bool = False
+    """At the end, print a SHA-256 of every parameter and optimizer state (also in
+    ``exit_status.json``): runs with equal digests ended in bit-identical states."""
 
 
 @dataclasses.dataclass
@@ -183,8 +192,13 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+def _parse_scalar(dotted: str, text: str) -> Any:
+    if text == "":
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"override {dotted}: {text!r} is not a YAML value ({' '.join(str(err).split())})") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -200,30 +214,49 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override {dotted}: {key} is not a section")
-        node[keys[-1]] = _parse_scalar(text)
+        node[keys[-1]] = _parse_scalar(dotted, text)
     return raw
 
 
-def read_yaml(path) -> dict:
-    path = pathlib.Path(path)
+def _read_mapping(path: pathlib.Path, what: str) -> dict:
+    """A YAML file holding a mapping (an empty file is an empty mapping)."""
     if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
+        raise RecipeError(f"{what} not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML ({err})") from None
+        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if raw is None:
+        return {}
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of sections")
+        raise RecipeError(f"{path}: expected a mapping of keys, got a {type(raw).__name__}")
+    return raw
+
+
+def _section_files(raw: dict, folder: pathlib.Path) -> dict:
+    """Replace sections given as file names by the mappings in those files."""
+    return {key: _read_mapping(folder / value, f"section {key!r} file") if isinstance(value, str) and key != "base"
+            else value for key, value in raw.items()}
+
+
+def read_yaml(path) -> dict:
+    """The raw recipe mapping: the file, its section files and its base merged."""
+    path = pathlib.Path(path)
+    raw = _section_files(_read_mapping(path, "recipe file"), path.parent)
     base = raw.pop("base", None)
     if base is None:
         return raw
-    base_path = (path.parent / base).resolve()
-    base_raw = yaml.safe_load(base_path.read_text(encoding="utf-8")) if base_path.is_file() else None
-    if base_raw is None:
-        raise RecipeError(f"{path}: base recipe {base} not found at {base_path}")
+    if not isinstance(base, str):
+        raise RecipeError(f"{path}: base must be one recipe file name, got {base!r}")
+    base_path = path.parent / base
+    base_raw = _read_mapping(base_path, f"{path}: base recipe")
     if "base" in base_raw:
         raise RecipeError(f"{path}: base {base} has a base of its own (one level of inheritance only)")
-    return _merge(base_raw, raw)
+    return _merge(_section_files(base_raw, base_path.parent), raw)
 
 
 def recipe_from_dict(raw: dict) -> Recipe:
@@ -240,101 +273,8 @@ def recipe_from_dict(raw: dict) -> Recipe:
 
 def load_recipe(path, overrides: list[str] = ()) -> Recipe:
     """Read, inherit, override, type-check and validate a recipe (no process groups)."""
+    from rnope_megatron.train.validation import validate
+
     recipe = recipe_from_dict(apply_overrides(read_yaml(path), list(overrides)))
     validate(recipe)
     return recipe
-
-
-# ------------------------------------------------------------------------ validation
-
-def data_parallel_size(recipe: Recipe, world_size: int) -> int:
-    p = recipe.parallel
-    model_parallel = p.tensor * p.pipeline * p.context
-    if world_size % model_parallel:
-        raise RecipeError(
-            f"world size {world_size} is not divisible by parallel.tensor x pipeline x context "
-            f"= {p.tensor} x {p.pipeline} x {p.context} = {model_parallel}"
-        )
-    return world_size // model_parallel
-
-
-def validate(recipe: Recipe, world_size: Optional[int] = None) -> None:
-    """Cross-field checks; each error names the fields involved."""
-    m, p, t = recipe.model, recipe.parallel, recipe.train
-    for name in ("tensor", "pipeline", "context"):
-        if getattr(p, name) < 1:
-            raise RecipeError(f"parallel.{name} must be >= 1")
-    if p.virtual_pipeline is not None:
-        if p.pipeline < 2 or p.virtual_pipeline < 2:
-            raise RecipeError("parallel.virtual_pipeline needs parallel.pipeline >= 2 and a value >= 2")
-    chunks = p.pipeline * (p.virtual_pipeline or 1)
-    if m.num_layers % chunks:
-        raise RecipeError(
-            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline x "
-            f"virtual_pipeline = {chunks}"
-        )
-    if m.num_attention_heads % p.tensor:
-        raise RecipeError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={p.tensor}")
-    if m.query_groups % p.tensor and p.tensor % m.query_groups:
-        raise RecipeError(
-            f"model.num_query_groups={m.query_groups} and parallel.tensor={p.tensor}: one must divide the other"
-        )
-    if m.vocab_size % p.tensor:
-        raise RecipeError(
-            f"model.vocab_size={m.vocab_size} is not divisible by parallel.tensor={p.tensor} "
-            "(pad the vocabulary, e.g. to a multiple of 128)"
-        )
-    if m.ffn_size % p.tensor:
-        raise RecipeError(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tensor={p.tensor}")
-    if p.sequence_parallel and p.tensor == 1:
-        raise RecipeError("parallel.sequence_parallel needs parallel.tensor > 1")
-    if p.sequence_parallel and t.seq_length % p.tensor:
-        raise RecipeError(f"train.seq_length={t.seq_length} is not divisible by parallel.tensor={p.tensor} (sequence parallel)")
-    if p.context > 1:
-        if recipe.train.backend != "te":
-            raise RecipeError("parallel.context > 1 needs train.backend=te (TE context parallelism)")
-        if t.seq_length % (2 * p.context):
-            raise RecipeError(f"train.seq_length={t.seq_length} must be divisible by 2 x parallel.context={2 * p.context}")
-    if t.seq_length > m.max_seq_length:
-        raise RecipeError(f"train.seq_length={t.seq_length} exceeds model.max_seq_length={m.max_seq_length}")
-    if "S" in m.layer_pattern.layers and m.window >= t.seq_length:
-        import warnings
-
-        warnings.warn(f"model.window={m.window} >= train.seq_length={t.seq_length}: sliding layers see every token")
-    for name in ("iters", "seq_length", "micro_batch_size", "global_batch_size"):
-        if getattr(t, name) < 1:
-            raise RecipeError(f"train.{name} must be >= 1")
-    if t.global_batch_size % t.micro_batch_size:
-        raise RecipeError(
-            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}"
-        )
-    if world_size is not None:
-        dp = data_parallel_size(recipe, world_size)
-        if t.global_batch_size % (t.micro_batch_size * dp):
-            raise RecipeError(
-                f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x "
-                f"data-parallel size = {t.micro_batch_size} x {dp}"
-            )
-        if p.pipeline > 1 and p.virtual_pipeline and (t.global_batch_size // (t.micro_batch_size * dp)) % p.pipeline:
-            raise RecipeError("interleaved pipeline: micro-batches per step must be a multiple of parallel.pipeline")
-    if recipe.optimizer.lr < recipe.optimizer.min_lr:
-        raise RecipeError(f"optimizer.min_lr={recipe.optimizer.min_lr} exceeds optimizer.lr={recipe.optimizer.lr}")
-    decay = recipe.scheduler.decay_iters or t.iters
-    if recipe.scheduler.warmup_iters >= decay:
-        raise RecipeError(
-            f"scheduler.warmup_iters={recipe.scheduler.warmup_iters} must be below the decay length "
-            f"(scheduler.decay_iters or train.iters = {decay})"
-        )
-    if recipe.checkpoint.interval < 1 or recipe.checkpoint.keep < 1:
-        raise RecipeError("checkpoint.interval and checkpoint.keep must be >= 1")
-    if recipe.logging.interval < 1:
-        raise RecipeError("logging.interval must be >= 1")
-    d = recipe.data
-    if d.source == "indexed" and not d.paths:
-        raise RecipeError("data.paths is empty but data.source=indexed")
-    if d.weights is not None and len(d.weights) != len(d.paths):
-        raise RecipeError(f"data.weights has {len(d.weights)} entries for {len(d.paths)} data.paths")
-    if not 0.0 <= d.retrieval_fraction <= 1.0:
-        raise RecipeError(f"data.retrieval_fraction={d.retrieval_fraction} must be within [0, 1]")
-    if d.tokenizer == "bytes" and m.vocab_size < 257:
-        raise RecipeError(f"model.vocab_size={m.vocab_size} < 257 needed by data.tokenizer=bytes (256 bytes + EOD)")

@@ -1,46 +1,44 @@
-"""Checkpoints with Megatron dist-checkpointing (torch_dist format).
+"""Save and load a training engine's state: model chunks, optimizer, scheduler, RNG.
 
-Layout of ``checkpoint.dir``::
+The engine is anything with ``model`` (Megatron DDP-wrapped chunks), ``optimizer``,
+``scheduler``, ``recipe`` and ``optimizer_is_distributed`` (rnope-train's Engine).
 
-    iter_0000040/      one complete checkpoint (renamed into place only when whole)
-    iter_0000050/
-    latest             text file naming the newest complete checkpoint (atomic replace)
-
-A save writes ``iter_N.tmp/`` on every rank, barriers, then rank 0 renames it to
-``iter_N/`` and atomically replaces ``latest``: a crash at any point leaves ``latest``
-naming an older, complete checkpoint. The newest ``keep`` checkpoints are kept.
 Model and optimizer are saved sharded by global key, so a checkpoint loads under a
 different TP/PP/VPP layout (dist-checkpointing reshards). The distributed optimizer's
 state follows ``checkpoint.optimizer_format``: ``dp_reshardable`` (default) reshards DP
-only, and a TP/PP change is refused with a message that names the way out.
+only, and a TP/PP change is refused with a message that names the way out. A checkpoint
+whose model differs from the recipe's (pattern, sizes, ...) is refused naming the fields.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import hashlib
 import pathlib
-import shutil
 
 import torch
 import torch.distributed as dist
 
-LATEST = "latest"
+from rnope_megatron.checkpoint.layout import CheckpointError, common_state, save_state, unreadable
+
+# Model fields that may differ between a checkpoint and the run that loads it: the
+# sequence length (a long-context stage, no RoPE rescaling), and settings that change
+# no weight's meaning (initialisation, dropout).
+MAY_CHANGE = ("max_seq_length", "init_method_std", "hidden_dropout", "attention_dropout")
 
 
-def _name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
+def chunk_keys(num_chunks: int) -> list[str]:
+    """State-dict keys of the model chunks: ``model``, or ``model0``, ``model1``, ... with
+    virtual pipeline stages (Megatron-LM's naming)."""
+    return ["model"] if num_chunks == 1 else [f"model{index}" for index in range(num_chunks)]
 
 
-def latest_checkpoint(directory) -> pathlib.Path | None:
-    """The checkpoint ``latest`` points to, or None. A dangling marker is an error."""
-    directory = pathlib.Path(directory)
-    marker = directory / LATEST
-    if not marker.is_file():
-        return None
-    target = directory / marker.read_text().strip()
-    if not (target / "metadata.json").is_file():
-        raise RuntimeError(f"{marker} names {target.name}, which is not a complete checkpoint")
-    return target
+def runtime_facts() -> dict:
+    """What decides bit-exactness on CPU besides the state: torch's intra-op thread
+    count and which sliding-window kernel runs. Recorded with each checkpoint."""
+    from rnope_megatron.attention.native_cpu import kernel_in_use
+
+    return {"intra_op_threads": torch.get_num_threads(), "cpu_kernel": kernel_in_use()}
 
 
 def _rng_state() -> dict:
@@ -123,17 +121,12 @@ def _sharded_state(engine, is_loading: bool, with_optimizer: bool, rng: dict | N
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    state: dict = {}
-    if len(engine.model) == 1:
-        state["model"] = engine.model[0].module.sharded_state_dict()
-    else:
-        for index, chunk in enumerate(engine.model):
-            state[f"model{index}"] = chunk.module.sharded_state_dict()
+    keys = chunk_keys(len(engine.model))
+    state: dict = {key: chunk.module.sharded_state_dict() for key, chunk in zip(keys, engine.model)}
     if with_optimizer:
-        model_state = {k: v for k, v in state.items() if k.startswith("model")}
+        model_state = state["model"] if len(keys) == 1 else {key: state[key] for key in keys}
         state["optimizer"] = engine.optimizer.sharded_state_dict(
-            model_state if len(engine.model) > 1 else model_state["model"], is_loading=is_loading,
-            metadata=_optimizer_metadata(optimizer_format),
+            model_state, is_loading=is_loading, metadata=_optimizer_metadata(optimizer_format),
         )
     if with_optimizer and with_rng:
         # RNG per (pp, tp) position; data-parallel replicas hold copies.
@@ -146,7 +139,7 @@ def _sharded_state(engine, is_loading: bool, with_optimizer: bool, rng: dict | N
     return state
 
 
-def save(engine, directory, iteration: int, keep: int) -> pathlib.Path:
+def save_training_state(engine, directory, iteration: int, keep: int) -> pathlib.Path:
     """Save model, optimizer, scheduler, RNG and the iteration (which fixes the data
     position: batches are a pure function of it)."""
     optimizer_format = engine.recipe.checkpoint.optimizer_format
@@ -156,68 +149,58 @@ def save(engine, directory, iteration: int, keep: int) -> pathlib.Path:
     state["optimizer_format"] = optimizer_format
     # the whole recipe, so tools (rnope-convert, rnope-eval) can rebuild the model
     state["recipe"] = engine.recipe.to_dict()
+    state["train_state"] = {"iteration": iteration, "layout": _layout(), "runtime": runtime_facts()}
     return save_state(state, directory, iteration, keep)
 
 
-def save_state(state: dict, directory, iteration: int, keep: int) -> pathlib.Path:
-    """Write a sharded state dict as ``iter_N`` (atomically, see module docstring)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+def architecture_differences(saved_model: dict, model) -> list[str]:
+    """``field: saved -> now`` for every model field that differs, except :data:`MAY_CHANGE`."""
+    from rnope_megatron.config import RNoPEConfig
 
-    directory = pathlib.Path(directory)
-    final = directory / _name(iteration)
-    tmp = directory / (_name(iteration) + ".tmp")
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        directory.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
-    state["train_state"] = {"iteration": iteration, "layout": _layout()}
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
-    dist.barrier()
-    if rank0:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        marker_tmp = directory / (LATEST + ".tmp")
-        marker_tmp.write_text(final.name + "\n")
-        with open(marker_tmp) as f:
-            os.fsync(f.fileno())
-        marker_tmp.replace(directory / LATEST)
-        _prune(directory, keep)
-    dist.barrier()
-    return final
+    saved = dataclasses.asdict(RNoPEConfig.from_dict(saved_model))
+    now = dataclasses.asdict(model)
+    return [f"model.{name}: {saved[name]!r} -> {now[name]!r}"
+            for name in now if name not in MAY_CHANGE and saved.get(name) != now[name]]
 
 
-def _prune(directory: pathlib.Path, keep: int) -> None:
-    done = sorted(p for p in directory.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in directory.glob("iter_*.tmp"):  # left by a crash mid-save
-        shutil.rmtree(stale, ignore_errors=True)
+def check_architecture(path: pathlib.Path, saved_recipe: dict | None, model) -> None:
+    """Refuse a checkpoint whose model is not the recipe's (one line naming the fields)."""
+    if not saved_recipe or "model" not in saved_recipe:
+        return  # weights written by another tool: the tensor shapes are checked on load
+    changed = architecture_differences(saved_recipe["model"], model)
+    if changed:
+        raise CheckpointError(
+            f"{path} holds another model than this recipe ({'; '.join(changed)}): set these fields back, "
+            "or train in a new run directory (only model.max_seq_length may change between stages)")
 
 
-def load(engine, path, weights_only: bool = False) -> dict:
+def _warn_if_runtime_changed(saved: dict, rank0: bool) -> None:
+    before, now = saved.get("runtime"), runtime_facts()
+    if rank0 and before and before != now:
+        changes = ", ".join(f"{k} {before.get(k)} -> {now[k]}" for k in now if before.get(k) != now[k])
+        print(f"warning: resuming with {changes}: CPU results stay correct but are no longer bit-identical "
+              "to an uninterrupted run (set train.cpu_threads / RNOPE_SWA_CPU_KERNEL as saved)", flush=True)
+
+
+def load_training_state(engine, path, weights_only: bool = False) -> dict:
     """Load a checkpoint into the engine. ``weights_only`` keeps the fresh optimizer,
     scheduler and RNG (a new training stage). Returns the saved train_state (or {})."""
     from megatron.core import dist_checkpointing
 
     path = pathlib.Path(path)
-    if not (path / "metadata.json").is_file():
-        raise FileNotFoundError(f"{path} is not a dist-checkpointing checkpoint (no metadata.json)")
+    common = common_state(path)
+    check_architecture(path, common.get("recipe"), engine.recipe.model)
+    if not weights_only and "optimizer" not in common:
+        raise CheckpointError(f"{path} holds weights only (e.g. from rnope-convert from-hf): "
+                              "set checkpoint.reset_optimizer=true")
+    saved = common.get("train_state") or {}
     # RNG streams belong to (pp, tp) positions: they restore only into the same layout.
     # Model and optimizer reshard; with dropout off the RNG does not affect training.
-    common = dist_checkpointing.load_common_state_dict(str(path))
-    if not weights_only and "optimizer" not in common:
-        raise ValueError(f"{path} holds weights only (e.g. from rnope-convert from-hf): "
-                         "set checkpoint.reset_optimizer=true")
-    saved = common.get("train_state") or {}
     same_layout = saved.get("layout") == _layout()
     optimizer_format = common.get("optimizer_format", "dp_reshardable")  # as saved
     if not weights_only and not same_layout and optimizer_format == "dp_reshardable" \
             and engine.optimizer_is_distributed:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} was saved with checkpoint.optimizer_format=dp_reshardable under layout "
             f"{saved.get('layout')}, which resumes only under the same TP/PP (this run: {_layout()}). "
             "Resume with the saved layout, or load weights only with checkpoint.reset_optimizer=true")
@@ -228,12 +211,12 @@ def load(engine, path, weights_only: bool = False) -> dict:
     if not weights_only:
         state["scheduler"] = None
         state["train_state"] = None
-    loaded = dist_checkpointing.load(state, str(path))
-    if len(engine.model) == 1:
-        engine.model[0].module.load_state_dict(loaded["model"])
-    else:
-        for index, chunk in enumerate(engine.model):
-            chunk.module.load_state_dict(loaded[f"model{index}"])
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except Exception as err:  # a damaged shard: name it, list what else is there
+        raise unreadable(path, err) from None
+    for key, chunk in zip(chunk_keys(len(engine.model)), engine.model):
+        chunk.module.load_state_dict(loaded[key])
     if weights_only:
         # bf16/fp16 and the distributed optimizer keep fp32 main copies taken at
         # construction; refresh them or the first step writes the old weights back.
@@ -243,9 +226,37 @@ def load(engine, path, weights_only: bool = False) -> dict:
         engine.optimizer.load_state_dict(loaded["optimizer"])
     _restore_torch_adam_steps(engine.optimizer)
     engine.scheduler.load_state_dict(loaded["scheduler"])
+    rank0 = dist.get_rank() == 0
     if same_layout:
         _set_rng_state(loaded["rng_state"])
-    elif dist.get_rank() == 0:
+    elif rank0:
         print(f"note: checkpoint layout {saved.get('layout')} differs from {_layout()}: model and optimizer "
               "were resharded; RNG streams start fresh", flush=True)
+    _warn_if_runtime_changed(saved, rank0)
     return loaded["train_state"]
+
+
+def state_digest(engine) -> str:
+    """SHA-256 over every rank's parameters and optimizer state (in a fixed order): two
+    runs that end with equal digests hold bit-identical training states."""
+    digest = hashlib.sha256()
+
+    def add(tensor: torch.Tensor) -> None:
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    for chunk in engine.model:
+        for name, tensor in sorted(chunk.module.state_dict().items()):
+            if isinstance(tensor, torch.Tensor) and not name.endswith("_extra_state"):
+                digest.update(name.encode())
+                add(tensor)
+    for megatron_optimizer in getattr(engine.optimizer, "chained_optimizers", [engine.optimizer]):
+        torch_optimizer = megatron_optimizer.optimizer
+        for group in torch_optimizer.param_groups:
+            for param in group["params"]:
+                for key, value in sorted(torch_optimizer.state[param].items()):
+                    digest.update(key.encode())
+                    add(value if isinstance(value, torch.Tensor) else torch.tensor(float(value)))
+    digest.update(str(engine.scheduler.num_steps).encode())
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, digest.hexdigest())
+    return hashlib.sha256("".join(per_rank).encode()).hexdigest()

@@ -1,0 +1,176 @@
+"""The training loop, read top to bottom: set up, restore, train, finish.
+
+:func:`run` is what ``rnope-train`` runs on every rank. Checkpoints are saved every
+``checkpoint.interval`` iterations, at the end, at ``train.stop_at`` and when SIGTERM or
+SIGUSR1 arrive (SLURM pre-emption, ``timeout``, a scheduler signalling the whole process
+group): the run then saves at the end of the current iteration and exits 0, writing
+``<run_dir>/exit_status.json`` (``done`` false: requeue it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+
+import torch
+import torch.distributed as dist
+
+from rnope_megatron import faults
+from rnope_megatron.checkpoint.layout import latest_checkpoint
+from rnope_megatron.checkpoint.training_state import load_training_state, save_training_state, state_digest
+from rnope_megatron.distributed import compute_device, initialize_parallel
+from rnope_megatron.flops import training_flops_per_token
+from rnope_megatron.train.run_lock import RunDirectoryBusy, RunDirectoryLock
+from rnope_megatron.train.validation import data_parallel_size, validate
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGUSR1 into a flag checked between iterations."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.signal = signal.Signals(signum).name
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.signal else 0.0], device=compute_device())
+        dist.all_reduce(flag)  # every rank stops at the same iteration
+        return bool(flag.item())
+
+
+def _pin_threads(cpu_threads: int | None) -> None:
+    """A fixed intra-op thread count: CPU reductions (GEMMs) may split work by it, so a
+    run and its resumption must use the same one to stay bit-identical."""
+    if cpu_threads is not None and not torch.cuda.is_available():
+        torch.set_num_threads(cpu_threads)
+
+
+def _lock_run_directory(recipe, rank0: bool) -> RunDirectoryLock | None:
+    """Rank 0 takes the run directory's lock; every rank learns whether it got it."""
+    lock = RunDirectoryLock(recipe.run_dir) if rank0 else None
+    holder = lock.try_acquire() if lock else None
+    busy = torch.tensor([1.0 if holder else 0.0], device=compute_device())
+    dist.all_reduce(busy)
+    if busy.item():
+        raise RunDirectoryBusy(f"run directory {recipe.run_dir} is in use by another rnope-train "
+                               f"({holder or 'see rank 0'}): stop that run or set another logging.run_dir")
+    return lock
+
+
+def restore(engine, recipe, rank0: bool) -> int:
+    """Resume from the run's own ``latest``, else start from ``checkpoint.load`` (a new
+    stage), else from scratch. Returns the iteration to continue from."""
+    resume = latest_checkpoint(recipe.checkpoint_dir)
+    if resume is not None:
+        state = load_training_state(engine, resume)
+        if rank0:
+            print(f"resumed from {resume} at iteration {state['iteration']}", flush=True)
+        return state["iteration"]
+    if recipe.checkpoint.load:
+        source = latest_checkpoint(recipe.checkpoint.load) or pathlib.Path(recipe.checkpoint.load)
+        weights_only = recipe.checkpoint.reset_optimizer
+        state = load_training_state(engine, source, weights_only=weights_only)
+        start = 0 if weights_only else state["iteration"]
+        if rank0:
+            mode = "weights only" if weights_only else "full state"
+            print(f"initialised from {source} ({mode}) at iteration {start}", flush=True)
+        return start
+    return 0
+
+
+def train(engine, dataset, logger, stop: StopRequest, start_iteration: int) -> tuple[int, str]:
+    """Step, log and save until ``train.iters``, ``train.stop_at`` or a stop signal.
+    Returns (last iteration, why it ended)."""
+    recipe, t = engine.recipe, engine.recipe.train
+    rank0 = dist.get_rank() == 0
+    skips, iteration = 0, start_iteration
+    while iteration < t.iters:
+        result = engine.train_step(dataset, iteration)
+        iteration += 1
+        faults.point("after_step", iteration)
+        logger.add_tokens(result.tokens)
+        if result.skipped:
+            skips += 1
+            if skips > t.max_nan_skips:
+                logger.log(iteration, result.loss, result.lr, result.grad_norm, True)
+                raise SystemExit(
+                    f"rnope-train: non-finite loss {result.loss} / grad norm {result.grad_norm} at iteration "
+                    f"{iteration} (train.max_nan_skips={t.max_nan_skips} exhausted); last checkpoint: "
+                    f"{latest_checkpoint(recipe.checkpoint_dir)}")
+        if iteration % recipe.logging.interval == 0 or iteration == t.iters or result.skipped:
+            logger.log(iteration, result.loss, result.lr, result.grad_norm, result.skipped)
+        stopping = stop.any_rank() or iteration == t.stop_at
+        if iteration % recipe.checkpoint.interval == 0 or iteration == t.iters or stopping:
+            path = save_training_state(engine, recipe.checkpoint_dir, iteration, recipe.checkpoint.keep)
+            logger.restart_window()  # keep the save's time out of tokens/s
+            if rank0:
+                print(f"saved checkpoint {path}", flush=True)
+        if stopping:
+            return iteration, ("stopped at train.stop_at" if iteration == t.stop_at
+                               else f"stopped by {stop.signal or 'a signal on another rank'}")
+    return iteration, "done"
+
+
+def _write_exit_status(run_dir: pathlib.Path, summary: dict) -> None:
+    # for job scripts: e.g. requeue a pre-empted SLURM job unless "done" is true
+    tmp = run_dir / "exit_status.json.tmp"
+    tmp.write_text(json.dumps(summary) + "\n")
+    tmp.replace(run_dir / "exit_status.json")
+
+
+def run(recipe) -> dict:
+    """Train ``recipe`` on this rank (process groups are created here). Returns a summary."""
+    from rnope_megatron.data.dataset import build_dataset
+    from rnope_megatron.train.engine import Engine
+    from rnope_megatron.train.metrics import MetricsLogger
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    validate(recipe, world_size)  # before any process group exists
+    dp = data_parallel_size(recipe, world_size)
+    stop = StopRequest()
+    _pin_threads(recipe.train.cpu_threads)
+    initialize_parallel(recipe.parallel, seed=recipe.train.seed)
+    rank0 = dist.get_rank() == 0
+    t = recipe.train
+    lock = _lock_run_directory(recipe, rank0)
+    try:
+        engine = Engine(recipe, dp)
+        start_iteration = restore(engine, recipe, rank0)
+        cache = pathlib.Path(recipe.data.cache_dir or recipe.run_dir / "data")
+        dataset = build_dataset(recipe, cache, t.iters * t.global_batch_size)
+        logger = MetricsLogger(
+            recipe.run_dir, t.iters, start_iteration, training_flops_per_token(recipe.model, t.seq_length),
+            world_size, recipe.logging.peak_tflops, recipe.logging.tensorboard, active=rank0,
+        )
+        if rank0:
+            params = sum(p.numel() for m in engine.model for p in m.parameters())
+            print(f"rnope-train: world {world_size} = tp {recipe.parallel.tensor} x pp {recipe.parallel.pipeline}"
+                  f" x cp {recipe.parallel.context} x dp {dp}; {params / 1e6:.2f}M params on rank 0; "
+                  f"{t.iters} iters x {t.global_batch_size} x {t.seq_length} tokens", flush=True)
+            print(recipe.model.layer_pattern.describe(), flush=True)
+
+        iteration, reason = train(engine, dataset, logger, stop, start_iteration)
+        logger.close()
+        latest = latest_checkpoint(recipe.checkpoint_dir)
+        summary = {
+            "iteration": iteration, "reason": reason, "done": iteration >= t.iters, "run_dir": str(recipe.run_dir),
+            "checkpoint": str(latest) if latest else None,
+            "metrics": str(recipe.run_dir / "metrics.jsonl"), "tensorboard": logger.tensorboard_dir,
+        }
+        if t.state_digest:
+            summary["state_digest"] = state_digest(engine)
+        if rank0:
+            _write_exit_status(recipe.run_dir, summary)
+            digest = f"; state digest {summary['state_digest']}" if t.state_digest else ""
+            print(f"rnope-train: {reason} at iteration {iteration}; checkpoint {summary['checkpoint']}; "
+                  f"metrics {summary['metrics']}; tensorboard {logger.describe_tensorboard()}{digest}", flush=True)
+        dist.barrier()
+    finally:
+        if lock is not None:
+            lock.release()
+    return summary

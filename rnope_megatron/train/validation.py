@@ -1,0 +1,183 @@
+"""Every cross-field check of a recipe, one validator per section, before any process
+group exists. Each error is one line naming the fields involved."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import warnings
+from typing import Optional
+
+from rnope_megatron.train.recipe import Recipe, RecipeError
+
+
+def data_parallel_size(recipe: Recipe, world_size: int) -> int:
+    p = recipe.parallel
+    model_parallel = p.tensor * p.pipeline * p.context
+    if world_size % model_parallel:
+        raise RecipeError(
+            f"world size {world_size} is not divisible by parallel.tensor x pipeline x context "
+            f"= {p.tensor} x {p.pipeline} x {p.context} = {model_parallel}"
+            + (" (launch with torchrun --nproc-per-node ...)" if world_size == 1 else "")
+        )
+    return world_size // model_parallel
+
+
+def _finite(path: str, value: float, low: float | None = None, positive: bool = False) -> None:
+    if not math.isfinite(value):
+        raise RecipeError(f"{path}={value} must be a finite number")
+    if positive and value <= 0:
+        raise RecipeError(f"{path}={value} must be > 0")
+    if low is not None and value < low:
+        raise RecipeError(f"{path}={value} must be >= {low}")
+
+
+def validate_parallel(recipe: Recipe) -> None:
+    m, p, t = recipe.model, recipe.parallel, recipe.train
+    for name in ("tensor", "pipeline", "context"):
+        if getattr(p, name) < 1:
+            raise RecipeError(f"parallel.{name} must be >= 1")
+    if p.virtual_pipeline is not None and (p.pipeline < 2 or p.virtual_pipeline < 2):
+        raise RecipeError("parallel.virtual_pipeline needs parallel.pipeline >= 2 and a value >= 2")
+    chunks = p.pipeline * (p.virtual_pipeline or 1)
+    if m.num_layers % chunks:
+        raise RecipeError(
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline x virtual_pipeline = {chunks}")
+    if m.num_attention_heads % p.tensor:
+        raise RecipeError(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={p.tensor}")
+    if m.query_groups % p.tensor and p.tensor % m.query_groups:
+        raise RecipeError(f"model.num_query_groups={m.query_groups} and parallel.tensor={p.tensor}: one must divide the other")
+    if m.vocab_size % p.tensor:
+        raise RecipeError(f"model.vocab_size={m.vocab_size} is not divisible by parallel.tensor={p.tensor} "
+                          "(pad the vocabulary, e.g. to a multiple of 128)")
+    if m.ffn_size % p.tensor:
+        raise RecipeError(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tensor={p.tensor}")
+    if p.sequence_parallel and p.tensor == 1:
+        raise RecipeError("parallel.sequence_parallel needs parallel.tensor > 1")
+    if p.sequence_parallel and t.seq_length % p.tensor:
+        raise RecipeError(f"train.seq_length={t.seq_length} is not divisible by parallel.tensor={p.tensor} (sequence parallel)")
+    if p.context > 1:
+        if t.backend != "te":
+            raise RecipeError("parallel.context > 1 needs train.backend=te (TE context parallelism)")
+        if t.seq_length % (2 * p.context):
+            raise RecipeError(f"train.seq_length={t.seq_length} must be divisible by 2 x parallel.context={2 * p.context}")
+
+
+def validate_train(recipe: Recipe) -> None:
+    m, t = recipe.model, recipe.train
+    for name in ("iters", "seq_length", "micro_batch_size", "global_batch_size"):
+        if getattr(t, name) < 1:
+            raise RecipeError(f"train.{name} must be >= 1")
+    if t.seq_length > m.max_seq_length:
+        raise RecipeError(f"train.seq_length={t.seq_length} exceeds model.max_seq_length={m.max_seq_length}")
+    if "S" in m.layer_pattern.layers and m.window >= t.seq_length:
+        warnings.warn(f"model.window={m.window} >= train.seq_length={t.seq_length}: sliding layers see every token")
+    if t.global_batch_size % t.micro_batch_size:
+        raise RecipeError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size={t.micro_batch_size}")
+    if t.stop_at is not None and t.stop_at < 1:
+        raise RecipeError(f"train.stop_at={t.stop_at} must be >= 1")
+    if t.max_nan_skips < 0:
+        raise RecipeError(f"train.max_nan_skips={t.max_nan_skips} must be >= 0")
+    if t.cpu_threads is not None and t.cpu_threads < 1:
+        raise RecipeError(f"train.cpu_threads={t.cpu_threads} must be >= 1")
+
+
+def validate_optimizer(recipe: Recipe) -> None:
+    o = recipe.optimizer
+    _finite("optimizer.lr", o.lr, positive=True)
+    _finite("optimizer.min_lr", o.min_lr, low=0.0)
+    if o.lr < o.min_lr:
+        raise RecipeError(f"optimizer.min_lr={o.min_lr} exceeds optimizer.lr={o.lr}")
+    _finite("optimizer.weight_decay", o.weight_decay, low=0.0)
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(o, name)
+        if not (math.isfinite(value) and 0.0 <= value < 1.0):
+            raise RecipeError(f"optimizer.{name}={value} must be within [0, 1)")
+    _finite("optimizer.adam_eps", o.adam_eps, positive=True)
+    _finite("optimizer.clip_grad", o.clip_grad, low=0.0)
+
+
+def validate_scheduler(recipe: Recipe) -> None:
+    s = recipe.scheduler
+    if s.warmup_iters < 0:
+        raise RecipeError(f"scheduler.warmup_iters={s.warmup_iters} must be >= 0")
+    for name in ("decay_iters", "wsd_decay_iters"):
+        value = getattr(s, name)
+        if value is not None and value < 1:
+            raise RecipeError(f"scheduler.{name}={value} must be >= 1")
+    decay = s.decay_iters or recipe.train.iters
+    if s.warmup_iters >= decay:
+        raise RecipeError(f"scheduler.warmup_iters={s.warmup_iters} must be below the decay length "
+                          f"(scheduler.decay_iters or train.iters = {decay})")
+
+
+def validate_data(recipe: Recipe) -> None:
+    d = recipe.data
+    if d.source == "indexed" and not d.paths:
+        raise RecipeError("data.paths is empty but data.source=indexed")
+    if d.weights is not None:
+        if len(d.weights) != len(d.paths):
+            raise RecipeError(f"data.weights has {len(d.weights)} entries for {len(d.paths)} data.paths")
+        for index, weight in enumerate(d.weights):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+                raise RecipeError(f"data.weights[{index}]={weight!r} must be a finite number >= 0")
+        if not sum(d.weights) > 0:
+            raise RecipeError("data.weights must not all be 0")
+    if not 0.0 <= d.retrieval_fraction <= 1.0:
+        raise RecipeError(f"data.retrieval_fraction={d.retrieval_fraction} must be within [0, 1]")
+    if d.tokenizer == "bytes" and recipe.model.vocab_size < 257:
+        raise RecipeError(f"model.vocab_size={recipe.model.vocab_size} < 257 needed by data.tokenizer=bytes "
+                          "(256 bytes + EOD)")
+
+
+def validate_input_files(recipe: Recipe) -> None:
+    """The files a run reads exist (checked by the trainer at start, not when a recipe is
+    merely loaded: a login node may not see the cluster's data)."""
+    d = recipe.data
+    if d.source == "indexed":
+        for index, prefix in enumerate(d.paths):
+            for suffix in (".bin", ".idx"):
+                if not pathlib.Path(f"{prefix}{suffix}").is_file():
+                    raise RecipeError(f"data.paths[{index}]: {prefix}{suffix} does not exist (make it with rnope-preprocess)")
+    if d.tokenizer != "bytes" and not pathlib.Path(d.tokenizer).is_file():
+        raise RecipeError(f"data.tokenizer: {d.tokenizer} does not exist (a tokenizer.json path, or 'bytes')")
+
+
+def validate_checkpoint(recipe: Recipe) -> None:
+    c = recipe.checkpoint
+    if c.interval < 1 or c.keep < 1:
+        raise RecipeError("checkpoint.interval and checkpoint.keep must be >= 1")
+    if c.reset_optimizer and not c.load:
+        raise RecipeError("checkpoint.reset_optimizer=true needs checkpoint.load (the weights to start from)")
+
+
+def validate_logging(recipe: Recipe) -> None:
+    if recipe.logging.interval < 1:
+        raise RecipeError("logging.interval must be >= 1")
+    peak = recipe.logging.peak_tflops
+    if peak is not None:
+        _finite("logging.peak_tflops", peak, positive=True)
+
+
+def validate_world(recipe: Recipe, world_size: int) -> None:
+    """The checks that need the number of processes."""
+    p, t = recipe.parallel, recipe.train
+    dp = data_parallel_size(recipe, world_size)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise RecipeError(f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x "
+                          f"data-parallel size = {t.micro_batch_size} x {dp}")
+    if p.pipeline > 1 and p.virtual_pipeline and (t.global_batch_size // (t.micro_batch_size * dp)) % p.pipeline:
+        raise RecipeError("interleaved pipeline: micro-batches per step must be a multiple of parallel.pipeline")
+
+
+SECTION_VALIDATORS = (validate_parallel, validate_train, validate_optimizer, validate_scheduler,
+                      validate_data, validate_checkpoint, validate_logging)
+
+
+def validate(recipe: Recipe, world_size: Optional[int] = None) -> None:
+    """Cross-field checks; each error names the fields involved."""
+    for validator in SECTION_VALIDATORS:
+        validator(recipe)
+    if world_size is not None:
+        validate_world(recipe, world_size)
