@@ -36,7 +36,11 @@ def main():
             print(f"built layer {layer.layer_number}: {attn.core_attention.extra_repr()}, "
                   f"{'RoPE ' + attn.rotary.extra_repr() if attn.rotary else 'NoPE'}")
         te = layer_spec(cfg, cfg.layer_pattern.kind(1), backend="te")
-        print("te spec, layer 1 core attention:", te.submodules.self_attention.submodules.core_attention)
+        core = te.submodules.self_attention.submodules.core_attention
+        # Without Transformer Engine, Megatron defines its TE classes as placeholders.
+        real = isinstance(core, type) and core.__module__.startswith("megatron")
+        print("te spec, layer 1 core attention:", "TEDotProductAttention" +
+              ("" if real else " (placeholder: Transformer Engine is not installed)"))
     ids = torch.randint(0, cfg.vocab_size, (2, 96))
     logits = model(ids, torch.arange(96).expand(2, -1), None)
     if rank0:

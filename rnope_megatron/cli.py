@@ -11,6 +11,8 @@ import errno
 import logging
 import warnings
 
+from rnope_megatron.errors import UserError
+
 # (message prefix, module) of warnings megatron-core and torch print on every CPU run
 # that no user can act on. Anything else still shows.
 KNOWN_HARMLESS = [
@@ -18,6 +20,8 @@ KNOWN_HARMLESS = [
     (r"Apex is not installed", r"megatron\..*"),
     (r"MimoModelConfig is experimental", r"megatron\..*"),
     (r"full scope is deprecated", r"megatron\.core\.transformer\.transformer_config"),
+    # megatron reads a checkpoint's common state with torch DCP's no_dist on purpose
+    (r"torch.distributed is disabled, unavailable or uninitialized", r"torch\..*"),
 ]
 
 
@@ -25,6 +29,10 @@ KNOWN_HARMLESS = [
 KNOWN_HARMLESS_LOGS = [
     # Megatron routes every synchronous torch_dist save through its deprecated async path.
     ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated"),
+    # torch DCP logs (on the root logger, with tracebacks) each fallback it tries on a
+    # damaged .metadata; the one-line error names the checkpoint and its first error.
+    ("", "Global metadata is not found"),
+    ("", "Rank local metadata is not found"),
 ]
 
 
@@ -44,7 +52,7 @@ def quiet_known_warnings() -> None:
     for message, module in KNOWN_HARMLESS:
         warnings.filterwarnings("ignore", message=message, category=UserWarning, module=module)
     for logger, prefix in KNOWN_HARMLESS_LOGS:
-        logging.getLogger(logger).addFilter(_DropMessages(prefix))
+        logging.getLogger(logger or None).addFilter(_DropMessages(prefix))
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
@@ -60,19 +68,13 @@ def one_line(err: BaseException) -> str:
     else:
         text = str(err) or type(err).__name__
     text = " ".join(text.split())
-    return text if len(text) <= 600 else text[:597] + "..."
+    return text if len(text) <= 2000 else text[:1997] + "..."
 
 
-def user_errors() -> tuple:
-    """The exception types a user's input or machine causes (bad recipe, file, checkpoint,
-    value, a full disk, a busy run directory). Anything else is a bug: it keeps its
-    traceback."""
-    from rnope_megatron.attention.native_cpu import KernelBuildError
-    from rnope_megatron.checkpoint.layout import CheckpointError
-    from rnope_megatron.train.run_lock import RunDirectoryBusy
-    from rnope_megatron.typed import ConfigError
-
-    return ConfigError, CheckpointError, RunDirectoryBusy, KernelBuildError, ValueError, OSError
+# What a user's input or machine causes: our UserErrors (bad recipe, file, checkpoint,
+# busy run directory, missing extra), bad values and OS errors (missing files, a full
+# disk). Anything else is a bug: it keeps its traceback.
+USER_ERRORS = (UserError, ValueError, OSError)
 
 
 @contextlib.contextmanager
@@ -81,7 +83,7 @@ def one_line_errors(prog: str):
     tear down process groups either way."""
     try:
         yield
-    except user_errors() as err:
+    except USER_ERRORS as err:
         raise SystemExit(f"{prog}: {one_line(err)}") from None
     finally:
         from rnope_megatron.distributed import shutdown_parallel

@@ -40,12 +40,13 @@ def shutdown_parallel() -> None:
     tools call it before exiting: a gloo group left to interpreter shutdown aborts the
     process now and then ("terminate called without an active exception", seen in ~1 of 4
     rnope-eval runs) after its work is done."""
+    if not dist.is_initialized():
+        return  # nothing to tear down (and no need to import Megatron for it)
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    dist.destroy_process_group()
 
 
 def initialize_parallel(layout: ParallelLayout, seed: int = 1234, rank: int | None = None,

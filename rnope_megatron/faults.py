@@ -2,10 +2,11 @@
 place instead of polling for it.
 
 ``RNOPE_FAULT=ACTION@POINT:ITERATION`` (comma-separated for several), e.g.
-``kill@after_step:5`` (SIGKILL right after iteration 5's optimizer step) or
+``kill@after_step:5`` (SIGKILL right after iteration 5's optimizer step and log line) or
 ``stop@after_save:2`` (SIGSTOP once checkpoint 2 is in place, so a test can look at the
-process tree before killing it). Actions: ``kill``, ``stop``, ``term_group`` (SIGTERM to
-the whole process group, as ``timeout`` or a scheduler does). Points: ``after_step``,
+process tree before killing it). Actions: ``kill``, ``stop``, ``term_group`` and
+``usr1_group`` (SIGTERM / SIGUSR1 to the whole process group, as ``timeout``, ``kill --
+-PGID`` or a scheduler does). Points: ``after_step``,
 ``mid_save`` (shards written, checkpoint not yet in place), ``after_save``. Unset (the
 default) it does nothing.
 """
@@ -15,7 +16,8 @@ from __future__ import annotations
 import os
 import signal
 
-ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term_group": signal.SIGTERM}
+ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term_group": signal.SIGTERM,
+           "usr1_group": signal.SIGUSR1}
 POINTS = ("after_step", "mid_save", "after_save")
 
 
@@ -40,7 +42,7 @@ def point(name: str, iteration: int) -> None:
         return
     for action, where, when in _planned():
         if where == name and when == iteration:
-            if action == "term_group":
+            if action.endswith("_group"):
                 os.killpg(os.getpgrp(), ACTIONS[action])
             else:
                 os.kill(os.getpid(), ACTIONS[action])

@@ -4,7 +4,7 @@
                      [--tokenizer bytes|path/to/tokenizer.json]
 
 ``.jsonl`` files give one document per line (an object whose ``--json-key`` field is a
-string); any other file is one document. Input must be UTF-8. Each document ends with the
+string); any other file is one document. Empty documents are skipped. Input must be UTF-8. Each document ends with the
 tokenizer's end-of-document id. Documents are streamed (one line in memory at a time);
 progress is printed every few seconds; the outputs appear only when complete (written to
 temporary names, then renamed; removed on any error). An input without a single
@@ -34,7 +34,9 @@ def iter_texts(paths: list[str], json_key: str):
         if not path.is_file():
             raise FileNotFoundError(f"input not found: {path}")
         if path.suffix != ".jsonl":
-            yield _decode(path.read_bytes(), path, "")
+            text = _decode(path.read_bytes(), path, "")
+            if text:
+                yield text
             continue
         with open(path, "rb") as f:
             for number, raw in enumerate(f, start=1):
@@ -52,8 +54,9 @@ def iter_texts(paths: list[str], json_key: str):
                 text = record[json_key]
                 if not isinstance(text, str):
                     raise ValueError(f"{path}:{number}: {json_key!r} must be a string, got {type(text).__name__}")
-                del record, line  # only the text stays alive while it is tokenized
-                yield text
+                del record, line, raw  # only the text stays alive while it is tokenized
+                if text:  # an empty document would be a lone EOD
+                    yield text
 
 
 def preprocess(inputs: list[str], output_prefix: str, tokenizer_spec: str = "bytes", json_key: str = "text") -> dict:

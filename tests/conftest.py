@@ -12,6 +12,13 @@ def megatron_single():
     yield
 
 
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """One data cache (embedded corpus, retrieval mix, Megatron index files) for every
+    trainer run of the session."""
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ import yaml
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, Cohere2Config, Cohere2ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM  # noqa: E402
 
-from rnope_megatron.convert.adapter import adapter_named, adapter_of  # noqa: E402
+from rnope_megatron.convert.targets import adapter_named, adapter_of  # noqa: E402
 from rnope_megatron.convert.streaming import hf_to_megatron, megatron_to_hf  # noqa: E402
 from rnope_megatron.model import build_model  # noqa: E402
 
@@ -262,4 +262,9 @@ def test_weights_not_matching_config_fail_in_one_line(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     out = run_cli("-m", "rnope_megatron.convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "out"), check=False)
     assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1].startswith("rnope-convert: ")
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("rnope-convert: ")
+    # every mismatch survives in the one line (torch lists them on separate lines)
+    for layer in range(4):
+        assert f"decoder.layers.{layer}.mlp.linear_fc1.weight has shape [192, 64] but the config makes it [256, 64]" \
+            in last, last

@@ -14,46 +14,7 @@ import time
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-RECIPE = str(ROOT / "recipes" / "tiny-cpu.yaml")
-FAST = [
-    "train.iters=6", "train.micro_batch_size=2", "train.global_batch_size=8",
-    "train.seq_length=128", "scheduler.warmup_iters=2", "logging.interval=1",
-    "logging.tensorboard=false", "checkpoint.interval=100",
-]
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data-cache"))
-
-
-def train_cmd(run_dir, *overrides, nproc=None):
-    """``python -m rnope_megatron.train`` when ``nproc`` is None, else torchrun."""
-    launcher = [sys.executable, "-m", "rnope_megatron.train"]
-    if nproc is not None:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc-per-node={nproc}", "-m", "rnope_megatron.train"]
-    return launcher + [RECIPE, *FAST, f"logging.run_dir={run_dir}", *overrides]
-
-
-def train(run_dir, *overrides, nproc=None, check=True, timeout=600):
-    proc = subprocess.run(train_cmd(run_dir, *overrides, nproc=nproc), capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
-    if check and proc.returncode:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def metrics(run_dir) -> list[dict]:
-    path = pathlib.Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def losses(run_dir) -> dict[int, float]:
-    """iteration -> loss; a resumed run's later records win."""
-    return {m["iteration"]: m["loss"] for m in metrics(run_dir)}
-
+from tests.trainer import ROOT, exit_status, losses, metrics, train, train_cmd
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, data_cache):
@@ -103,29 +64,24 @@ def test_torchrun_with_one_process_matches_plain_python(single, tmp_path, data_c
 
 
 def test_kill_9_and_resume_is_bit_exact(tmp_path, data_cache):
-    common = [f"data.cache_dir={data_cache}", "train.iters=10", "checkpoint.interval=2"]
+    """A run killed with SIGKILL at a fixed point (right after iteration 5's step, by the
+    RNOPE_FAULT hook: no polling, no race with the machine's load) and resumed from its
+    latest checkpoint ends bit-identical to an uninterrupted run: every loss equal, each
+    iteration logged once, and equal SHA-256 digests of all parameters and optimizer state
+    (a logged float32 loss can hide a 1-ulp divergence; the digest cannot)."""
+    common = [f"data.cache_dir={data_cache}", "train.iters=10", "checkpoint.interval=2", "train.state_digest=true"]
     full = tmp_path / "full"
     train(full, *common)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(killed, *common), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if any(m["iteration"] >= 5 for m in metrics(killed)):
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    logged_before = max(losses(killed))
-    assert logged_before < 10
-    latest = (killed / "checkpoints" / "latest").read_text().strip()
-    assert latest in {"iter_0000002", "iter_0000004", "iter_0000006"}
+    proc = train(killed, *common, check=False, env={"RNOPE_FAULT": "kill@after_step:5"})
+    assert proc.returncode == -signal.SIGKILL
+    assert [m["iteration"] for m in metrics(killed)] == [1, 2, 3, 4, 5]
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
     out = train(killed, *common)
-    assert f"resumed from {killed}/checkpoints/{latest}" in out.stdout
-    resumed, reference = losses(killed), losses(full)
-    assert resumed.keys() == reference.keys()
-    assert resumed == reference  # bit-exact, every iteration
+    assert f"resumed from {killed}/checkpoints/iter_0000004" in out.stdout
+    assert [m["iteration"] for m in metrics(killed)] == list(range(1, 11))  # each iteration once
+    assert losses(killed) == losses(full)  # bit-exact, every iteration
+    assert exit_status(killed)["state_digest"] == exit_status(full)["state_digest"]
     kept = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("iter_"))
     assert kept == ["iter_0000008", "iter_0000010"]  # checkpoint.keep=2 (the recipe's)
 

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from rnope_megatron.errors import UserError
+
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "sliding_window_cpu.cpp"
 # The translation unit's headers (micro-kernel, band geometry, work scheduler): part of
@@ -41,7 +43,7 @@ KERNEL_DTYPES = (torch.float32, torch.float64)
 _CHOICES = ("auto", "native", "sdpa")
 
 
-class KernelBuildError(RuntimeError):
+class KernelBuildError(UserError, RuntimeError):
     """The native CPU kernel could not be compiled or loaded; the message has the log."""
 
 

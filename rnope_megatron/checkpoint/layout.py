@@ -25,13 +25,19 @@ import re
 import shutil
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from rnope_megatron.errors import UserError
 
 LATEST = "latest"
+# What reading or writing a checkpoint can raise: torch's CheckpointException (which
+# collects every rank's failure) derives from BaseException, not Exception.
+FAILURES = (Exception, CheckpointException)
 MANIFEST = "rnope_manifest.json"
 _ITERATION = re.compile(r"^iter_(\d{7,})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the one-line message names it and what to do."""
 
 
@@ -76,9 +82,13 @@ def complete_checkpoints(directory) -> list[pathlib.Path]:
     return sorted(found, key=_iteration_of)
 
 
-def _alternatives(directory: pathlib.Path, exclude: pathlib.Path | None = None) -> str:
+def _alternatives(directory: pathlib.Path, exclude: pathlib.Path | None = None, marker=None) -> str:
+    """What else the directory offers (and, given the marker, how to switch to it)."""
     others = [p.name for p in complete_checkpoints(directory) if p != exclude]
-    return f"complete checkpoints there: {', '.join(others)}" if others else "no complete checkpoint is there"
+    if not others:
+        return "no complete checkpoint is there" + (f" (remove {marker} to start over)" if marker else "")
+    return f"complete checkpoints there: {', '.join(others)}" + (
+        f": write one of their names into {marker}" if marker else "")
 
 
 def latest_checkpoint(directory) -> pathlib.Path | None:
@@ -94,12 +104,12 @@ def latest_checkpoint(directory) -> pathlib.Path | None:
         name = ""
     if _ITERATION.match(name) is None:
         raise CheckpointError(f"{marker} does not name a checkpoint (expected iter_NNNNNNN); "
-                              f"{_alternatives(directory)}: write one of their names into it")
+                              f"{_alternatives(directory, marker=marker)}")
     target = directory / name
     reason = incomplete_reason(target)
     if reason is not None:
         raise CheckpointError(f"{marker} names {target}, which is not a complete checkpoint ({reason}); "
-                              f"{_alternatives(directory, target)}: write one of their names into {marker}")
+                              f"{_alternatives(directory, target, marker)}")
     return target
 
 
@@ -125,7 +135,7 @@ def common_state(path) -> dict:
     path = resolve(path)
     try:
         return dist_checkpointing.load_common_state_dict(str(path))
-    except Exception as err:  # torch/Megatron raise many types for a damaged file
+    except FAILURES as err:  # torch/Megatron raise many types for a damaged file
         raise unreadable(path, err) from None
 
 
@@ -137,10 +147,33 @@ def saved_recipe(path) -> dict:
     return common["recipe"]
 
 
+def _failures_of(err: BaseException) -> list[BaseException]:
+    """The per-rank errors a torch DCP CheckpointException collects ({rank: (error, trace)})."""
+    failures = getattr(err, "failures", None)
+    if not isinstance(failures, dict):
+        return []
+    found = []
+    for value in failures.values():
+        error = value[0] if isinstance(value, tuple) and value else value
+        if isinstance(error, BaseException):
+            found.append(error)
+    return found
+
+
+def root_error(err: BaseException) -> BaseException:
+    """The first underlying error: through per-rank failures and ``raise ... from``."""
+    while True:
+        inner = _failures_of(err) or [e for e in (err.__cause__,) if e is not None]
+        if not inner:
+            return err
+        err = inner[0]
+
+
 def unreadable(path: pathlib.Path, err: BaseException) -> CheckpointError:
     """The one-line error for a checkpoint that failed to load."""
-    detail = " ".join(str(err).split())[:300]
-    return CheckpointError(f"{path} could not be read ({type(err).__name__}: {detail}); "
+    root = root_error(err)
+    detail = " ".join(str(root).split())[:300]
+    return CheckpointError(f"{path} could not be read ({type(root).__name__}: {detail}); "
                            f"{_alternatives(path.parent, path)}")
 
 
@@ -156,24 +189,35 @@ def _os_error_in(err: BaseException) -> OSError | None:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno:
             return current
-        stack += [current.__cause__, current.__context__]
-        failures = getattr(current, "failures", None)  # torch DCP's CheckpointException: {rank: error}
-        if isinstance(failures, dict):
-            stack += [f for f in failures.values() if isinstance(f, BaseException)]
+        stack += [current.__cause__, current.__context__, *_failures_of(current)]
         stack += [a for a in getattr(current, "args", ()) if isinstance(a, BaseException)]
     return None
 
 
-def _save_failure(err: BaseException, tmp: pathlib.Path, directory: pathlib.Path,
+def _free_bytes(path: pathlib.Path) -> int | None:
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+# Below this much free space a failed write is taken for a full disk: torch's writer
+# reports a short write ("unexpected pos ...") without the ENOSPC behind it.
+NEARLY_FULL = 1 << 20
+
+
+def _save_failure(err: BaseException, tmp: pathlib.Path, directory: pathlib.Path, free: int | None,
                   removed: bool = True) -> CheckpointError:
+    """The one-line error for a failed save; ``free`` was measured before cleaning up."""
     os_error = _os_error_in(err)
     text = " ".join(str(err).split())
-    if (os_error is not None and os_error.errno == errno.ENOSPC) or os.strerror(errno.ENOSPC) in text:
-        try:
-            free = f"{shutil.disk_usage(directory).free / 2**20:,.0f} MiB free there now"
-        except OSError:
-            free = "free space unknown"
-        what = f"no space left on device while writing checkpoint {tmp} ({free})"
+    full = (os_error is not None and os_error.errno == errno.ENOSPC) or os.strerror(errno.ENOSPC) in text \
+        or (free is not None and free < NEARLY_FULL)
+    if full:
+        what = f"no space left on device while writing checkpoint {tmp}"
+        if free is not None:
+            what += f" ({free / 2**20:,.1f} MiB free on that file system)"
     elif os_error is not None:
         what = f"writing checkpoint {tmp} failed: {os_error.strerror} ({os_error.filename or tmp})"
     else:
@@ -230,10 +274,11 @@ def save_state(state: dict, directory, iteration: int, keep: int) -> pathlib.Pat
         faults.point("mid_save", iteration)
         if rank0:
             _write_manifest(tmp, iteration)
-    except Exception as err:
+    except FAILURES as err:
+        free = _free_bytes(tmp)
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise _save_failure(err, tmp, directory) from None
+        raise _save_failure(err, tmp, directory, free) from None
     if rank0:
         try:
             if final.exists():
@@ -242,7 +287,7 @@ def save_state(state: dict, directory, iteration: int, keep: int) -> pathlib.Pat
             _replace_marker(directory, final.name)
             _prune(directory, keep)
         except OSError as err:  # e.g. the marker's few bytes on a disk that just filled
-            raise _save_failure(err, final, directory, removed=False) from None
+            raise _save_failure(err, final, directory, _free_bytes(directory), removed=False) from None
     dist.barrier()
     faults.point("after_save", iteration)
     return final

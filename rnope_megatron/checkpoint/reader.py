@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from rnope_megatron.checkpoint.layout import CheckpointError, resolve, unreadable
+from rnope_megatron.checkpoint.layout import FAILURES, CheckpointError, resolve, unreadable
 from rnope_megatron.config import RNoPEConfig
 
 
@@ -32,7 +32,7 @@ class CheckpointReader:
         self.keys = {name: item.key for name, item in view.items() if not name.endswith("_extra_state")}
         try:
             self.meta = dist_checkpointing.load_tensors_metadata(str(self.path))
-        except Exception as err:
+        except FAILURES as err:
             raise unreadable(self.path, err) from None
 
     def names(self) -> list[str]:
@@ -60,7 +60,7 @@ class CheckpointReader:
         # A subset (one layer of a stacked key) on purpose: skip the whole-tensor coverage check.
         try:
             loaded = dist_checkpointing.load(request, str(self.path), validate_access_integrity=False)
-        except Exception as err:
+        except FAILURES as err:
             raise unreadable(self.path, err) from None
         return {name: loaded[name][0] if name.startswith("decoder.layers.") else loaded[name] for name in names}
 
@@ -78,7 +78,7 @@ def load_model(path, cfg: RNoPEConfig | None = None):
     model = build_single_rank_model(cfg)
     try:
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
-    except Exception as err:
+    except FAILURES as err:
         raise unreadable(path, err) from None
     model.load_state_dict(loaded["model"])
     return cfg, model.eval()

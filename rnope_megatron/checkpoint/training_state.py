@@ -19,7 +19,7 @@ import pathlib
 import torch
 import torch.distributed as dist
 
-from rnope_megatron.checkpoint.layout import CheckpointError, common_state, save_state, unreadable
+from rnope_megatron.checkpoint.layout import FAILURES, CheckpointError, common_state, save_state, unreadable
 
 # Model fields that may differ between a checkpoint and the run that loads it: the
 # sequence length (a long-context stage, no RoPE rescaling), and settings that change
@@ -153,12 +153,20 @@ def save_training_state(engine, directory, iteration: int, keep: int) -> pathlib
     return save_state(state, directory, iteration, keep)
 
 
+def _canonical(cfg) -> dict:
+    """A model's fields with defaults resolved, so equivalent spellings compare equal
+    (``num_query_groups: None`` = the head count, ``pattern: SSSG`` = ``SSSGSSSG``, ...)."""
+    values = dataclasses.asdict(cfg)
+    values.update(num_query_groups=cfg.query_groups, kv_channels=cfg.head_dim, ffn_hidden_size=cfg.ffn_size,
+                  pattern=cfg.layer_pattern.layers, global_rope_theta=cfg.global_rope_theta or cfg.rope_theta)
+    return values
+
+
 def architecture_differences(saved_model: dict, model) -> list[str]:
     """``field: saved -> now`` for every model field that differs, except :data:`MAY_CHANGE`."""
     from rnope_megatron.config import RNoPEConfig
 
-    saved = dataclasses.asdict(RNoPEConfig.from_dict(saved_model))
-    now = dataclasses.asdict(model)
+    saved, now = _canonical(RNoPEConfig.from_dict(saved_model)), _canonical(model)
     return [f"model.{name}: {saved[name]!r} -> {now[name]!r}"
             for name in now if name not in MAY_CHANGE and saved.get(name) != now[name]]
 
@@ -213,7 +221,7 @@ def load_training_state(engine, path, weights_only: bool = False) -> dict:
         state["train_state"] = None
     try:
         loaded = dist_checkpointing.load(state, str(path))
-    except Exception as err:  # a damaged shard: name it, list what else is there
+    except FAILURES as err:  # a damaged shard: name it, list what else is there
         raise unreadable(path, err) from None
     for key, chunk in zip(chunk_keys(len(engine.model)), engine.model):
         chunk.module.load_state_dict(loaded[key])

@@ -4,9 +4,19 @@ them with ``checkpoint.load=DIR checkpoint.reset_optimizer=true`` (any TP/PP).""
 from __future__ import annotations
 
 import pathlib
+import re
 
 from rnope_megatron.checkpoint.layout import save_state
 from rnope_megatron.config import RNoPEConfig
+
+
+def _mismatches(torch_message: str) -> str:
+    """torch's multi-line size-mismatch report as one compact line naming every tensor."""
+    found = re.findall(r"size mismatch for (\S+): copying a param with shape torch.Size\(\[(.*?)\]\) from "
+                       r"checkpoint, the shape in current model is torch.Size\(\[(.*?)\]\)", torch_message)
+    if not found:
+        return " ".join(torch_message.split())
+    return "; ".join(f"{name} has shape [{got}] but the config makes it [{want}]" for name, got, want in found)
 
 
 def write_weights_checkpoint(cfg: RNoPEConfig, state: dict, out_dir, recipe: dict) -> pathlib.Path:
@@ -19,7 +29,7 @@ def write_weights_checkpoint(cfg: RNoPEConfig, state: dict, out_dir, recipe: dic
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # torch lists every size mismatch, one per line
-        raise ValueError(f"weights do not fit the model: {' '.join(str(err).split())}") from None
+        raise ValueError(f"weights do not fit the model: {_mismatches(str(err))}") from None
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing or result.unexpected_keys:
         raise ValueError(f"weights do not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")

@@ -20,7 +20,7 @@ import argparse
 
 def main(argv=None) -> int:
     from rnope_megatron.cli import one_line_errors, quiet_known_warnings
-    from rnope_megatron.convert.adapter import target_names
+    from rnope_megatron.convert.targets import target_names
     from rnope_megatron.convert.commands import EXPORT_DTYPES
 
     parser = argparse.ArgumentParser(prog="rnope-convert", description=__doc__,

@@ -2,8 +2,9 @@
 
 A target is one module (``smollm3.py``, ``cohere2.py``) holding one :class:`HFAdapter`
 subclass: its config mapping both ways (with the refusals of what it cannot express) and
-its table of typed weight mappings. Registering it (``@register``) is all the CLI, the
-streaming driver and the tests need: adding a target is one new file.
+its table of typed weight mappings, registered with ``@register``. :mod:`.targets` loads
+them; the CLI, the streaming driver and the tests find targets there. Adding a target is
+one new file (and its name in ``targets.TARGETS``).
 
 Layer letters: sliding + RoPE = S, full + NoPE = G, full + RoPE = R.
 """
@@ -16,34 +17,13 @@ from rnope_megatron.config import RNoPEConfig
 from rnope_megatron.convert.mappings import QKV, Direct, GatedMLP, Mapping, Shapes
 
 ADAPTERS: dict[str, "HFAdapter"] = {}
+"""Registered targets by ``model_type`` (filled as :mod:`.targets` imports them)."""
 
 
 def register(cls):
     """Class decorator: make a target known by its ``model_type``."""
     ADAPTERS[cls.model_type] = cls()
     return cls
-
-
-def adapter_named(name: str) -> "HFAdapter":
-    """The adapter for ``--arch NAME`` / a config's ``model_type``."""
-    _load_targets()
-    if name not in ADAPTERS:
-        raise ValueError(f"model_type {name!r} is not one of {tuple(ADAPTERS)}")
-    return ADAPTERS[name]
-
-
-def adapter_of(hf: dict) -> "HFAdapter":
-    return adapter_named(hf.get("model_type"))
-
-
-def target_names() -> tuple[str, ...]:
-    _load_targets()
-    return tuple(ADAPTERS)
-
-
-def _load_targets() -> None:
-    # Importing a target module registers it.
-    from rnope_megatron.convert import cohere2, smollm3  # noqa: F401
 
 
 class HFConfig:

@@ -16,7 +16,7 @@ import shutil
 import yaml
 
 from rnope_megatron.config import DTYPES, RNoPEConfig
-from rnope_megatron.convert.adapter import adapter_named, adapter_of
+from rnope_megatron.convert.targets import adapter_named, adapter_of
 from rnope_megatron.convert.hf_dir import HFWeights, Progress, ShardedWriter, read_config, require_hf_extra
 from rnope_megatron.convert.output import staged_output
 from rnope_megatron.convert.streaming import convert, layer_groups, unused_hf_tensors

@@ -15,12 +15,14 @@ import torch
 
 
 def require_hf_extra() -> None:
-    """Fail in one line when the ``hf`` extra's packages are missing."""
-    import importlib.util
+    """Fail in one line when the ``hf`` extra (safetensors) is missing."""
+    from rnope_megatron.errors import MissingDependency
 
-    missing = [name for name in ("safetensors", "transformers") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise RuntimeError(f"rnope-convert needs {' and '.join(missing)}: pip install 'rnope-megatron[hf]'")
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        raise MissingDependency("rnope-convert needs the safetensors package of the 'hf' extra: "
+                                "pip install 'rnope-megatron[hf]'") from None
 
 
 def read_config(hf_dir: pathlib.Path) -> dict:

@@ -92,7 +92,6 @@ def train(engine, dataset, logger, stop: StopRequest, start_iteration: int) -> t
     while iteration < t.iters:
         result = engine.train_step(dataset, iteration)
         iteration += 1
-        faults.point("after_step", iteration)
         logger.add_tokens(result.tokens)
         if result.skipped:
             skips += 1
@@ -104,6 +103,7 @@ def train(engine, dataset, logger, stop: StopRequest, start_iteration: int) -> t
                     f"{latest_checkpoint(recipe.checkpoint_dir)}")
         if iteration % recipe.logging.interval == 0 or iteration == t.iters or result.skipped:
             logger.log(iteration, result.loss, result.lr, result.grad_norm, result.skipped)
+        faults.point("after_step", iteration)
         stopping = stop.any_rank() or iteration == t.stop_at
         if iteration % recipe.checkpoint.interval == 0 or iteration == t.iters or stopping:
             path = save_training_state(engine, recipe.checkpoint_dir, iteration, recipe.checkpoint.keep)

@@ -18,10 +18,12 @@ import pathlib
 import socket
 import time
 
+from rnope_megatron.errors import UserError
+
 LOCK_NAME = ".rnope-train.lock"
 
 
-class RunDirectoryBusy(RuntimeError):
+class RunDirectoryBusy(UserError, RuntimeError):
     """Another trainer holds the run directory."""
 
 

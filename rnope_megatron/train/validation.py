@@ -8,7 +8,10 @@ import pathlib
 import warnings
 from typing import Optional
 
-from rnope_megatron.train.recipe import Recipe, RecipeError
+from rnope_megatron.typed import ConfigError as RecipeError
+
+# ``Recipe`` in annotations is rnope_megatron.train.recipe.Recipe, not imported: recipe.py
+# calls validate(), and the arrow runs one way.
 
 
 def data_parallel_size(recipe: Recipe, world_size: int) -> int:
