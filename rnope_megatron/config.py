@@ -28,7 +28,16 @@ class ParallelLayout:
     virtual_pipeline: Optional[int] = None
     """Model chunks per pipeline rank (interleaved schedule); None = not interleaved."""
     context: int = 1
-    """Context-parallel size (sequence split across ranks inside attention)."""
+    """Context-parallel size: each sequence is split over this many ranks (Megatron's
+    load-balanced chunks); attention brings in what each rank's queries can see."""
+    context_comm_sliding: Optional[str] = None
+    """How sliding-window layers communicate under CP: ``halo`` (default: each chunk gets
+    only the W-1 keys before it, point to point; both backends), or TE's own ``a2a`` /
+    ``all_gather`` (te backend only)."""
+    context_comm_global: Optional[str] = None
+    """How global layers communicate under CP: ``all_gather`` of K/V (the portable
+    backend's only choice and its default), or TE's ``p2p`` (ring; te default), ``a2a``,
+    ``all_gather``."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism for norms/dropout (requires tensor > 1)."""
 
@@ -167,9 +176,10 @@ class RNoPEConfig:
         self,
         parallel: ParallelLayout | None = None,
         params_dtype: str = "fp32",
+        backend: Backend = "portable",
         **overrides,
     ):
-        """Megatron-Core ``TransformerConfig`` for this model.
+        """Megatron-Core ``TransformerConfig`` for this model on ``backend``'s attention.
 
         ``overrides`` go straight to TransformerConfig (e.g. fp8 settings, recompute,
         cp_comm_type); they win over the values derived here."""
@@ -221,15 +231,17 @@ class RNoPEConfig:
             persist_layer_norm=False,
         )
         if parallel.context > 1:
-            values["cp_comm_type"] = self.cp_comm_types(parallel)
+            values["cp_comm_type"] = self.cp_comm_types(parallel, backend)
         values.update(overrides)
         return TransformerConfig(**values)
 
-    def cp_comm_types(self, parallel: ParallelLayout) -> list[str]:
-        """Per-layer TE context-parallel communication. TE rejects a sliding window with
-        p2p / a2a+p2p, so sliding layers use a2a (heads split across CP ranks; needs Q and
-        KV heads per TP rank divisible by CP) or else all_gather; global layers keep p2p
-        (ring attention, overlaps communication with compute)."""
-        heads, groups = self.num_attention_heads // parallel.tensor, max(1, self.query_groups // parallel.tensor)
-        local = "a2a" if heads % parallel.context == 0 and groups % parallel.context == 0 else "all_gather"
-        return [local if kind == "S" else "p2p" for kind in self.layer_pattern.layers]
+    def cp_comm_types(self, parallel: ParallelLayout, backend: str = "te") -> list[str]:
+        """Per-layer context-parallel communication (Megatron's ``cp_comm_type`` list):
+        ``halo`` for sliding layers unless ``parallel.context_comm_sliding`` says otherwise
+        (their halo exchange is ours, TE's attention then runs without CP), global layers
+        ``p2p`` on te (ring attention, overlaps communication with compute) and
+        ``all_gather`` on the portable backend."""
+        sliding = parallel.context_comm_sliding or "halo"
+        default_global = "p2p" if backend == "te" else "all_gather"
+        global_ = parallel.context_comm_global or default_global
+        return [sliding if kind == "S" else global_ for kind in self.layer_pattern.layers]

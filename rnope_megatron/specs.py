@@ -13,6 +13,11 @@ layer's window as a spec parameter.
 
 Both: ``RNoPESelfAttention`` gets the layer's RoPE base as a spec parameter (None: NoPE).
 Layer kinds thus reach every module from the pattern, one way.
+
+Context parallelism: the portable core attention exchanges halos (S) or gathers K/V
+(global) itself. On ``te``, sliding layers whose ``cp_comm_type`` is ``halo`` (the
+default) get :class:`~rnope_megatron.attention.te_halo.HaloTEDotProductAttention` (our
+halo exchange around TE's fused attention); every other layer keeps TE's own CP.
 """
 
 from __future__ import annotations
@@ -72,8 +77,9 @@ def _modules(backend: str) -> dict:
     raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def layer_spec(model: RNoPEConfig, kind: LayerKind, backend: str = "portable") -> ModuleSpec:
-    """Spec of one transformer layer of the given kind."""
+def layer_spec(model: RNoPEConfig, kind: LayerKind, backend: str = "portable", cp_halo: bool = False) -> ModuleSpec:
+    """Spec of one transformer layer of the given kind (``cp_halo``: a sliding layer
+    under context parallelism that exchanges halos; only changes the ``te`` spec)."""
     m = _modules(backend)
     parallel_block = model.block == "parallel"
     # TE fuses a norm into the following linear; only the sequential block may use it, as
@@ -83,6 +89,10 @@ def layer_spec(model: RNoPEConfig, kind: LayerKind, backend: str = "portable") -
     core_attention = m["core_attention"]
     if backend == "portable":  # ours takes the window from the pattern; TE's reads config.window_size
         core_attention = ModuleSpec(module=core_attention, params={"window": model.layer_pattern.window_of(kind)})
+    elif cp_halo and kind.sliding:
+        from rnope_megatron.attention.te_halo import HaloTEDotProductAttention
+
+        core_attention = HaloTEDotProductAttention
     attention = ModuleSpec(
         module=RNoPESelfAttention,
         params={"attn_mask_type": AttnMaskType.causal, "rope_theta": model.rope_theta_for(kind)},
@@ -141,8 +151,10 @@ def block_spec(
     """This pipeline stage's layer specs (and the final norm, which Megatron builds only on
     the last stage). ``config`` is the TransformerConfig from ``model``."""
     pattern = model.layer_pattern
+    comm = config.cp_comm_type if config.context_parallel_size > 1 else None
+    halo = [isinstance(comm, list) and comm[n - 1] == "halo" for n in range(1, model.num_layers + 1)]
     specs = [
-        layer_spec(model, pattern.kind(number), backend)
+        layer_spec(model, pattern.kind(number), backend, cp_halo=halo[number - 1])
         for number in stage_layer_numbers(config, vp_stage, pp_rank)
     ]
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=_modules(backend)["norm"])

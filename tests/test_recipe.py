@@ -55,7 +55,13 @@ BAD = [
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel needs parallel.tensor > 1"),
     (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size=10 is not a multiple"),
     (["train.seq_length=512"], "train.seq_length=512 exceeds model.max_seq_length=256"),
-    (["parallel.context=2"], "parallel.context > 1 needs train.backend=te"),
+    (["parallel.context=3"], "train.seq_length=256 must be divisible by 2 x parallel.context=6"),
+    (["parallel.context=2", "parallel.context_comm_global=p2p"],
+     "parallel.context_comm_global='p2p' is not available on train.backend=portable"),
+    (["parallel.context=2", "parallel.context_comm_sliding=a2a"],
+     "parallel.context_comm_sliding='a2a' is not available on train.backend=portable"),
+    (["parallel.context=4", "train.backend=te", "parallel.context_comm_sliding=a2a"],
+     "a2a splits heads over CP ranks: 4 query and 2 KV heads per TP rank are not divisible by parallel.context=4"),
     (["optimizer.min_lr=1"], "optimizer.min_lr=1.0 exceeds optimizer.lr"),
     (["scheduler.warmup_iters=100"], "scheduler.warmup_iters=100 must be below"),
     (["data.source=indexed"], "data.paths is empty"),
@@ -102,7 +108,8 @@ def test_cluster_recipes_validate_for_their_world_size(name, world):
     recipe = load_recipe(ROOT / "recipes" / "clusters" / name)
     validate(recipe, world_size=world)
     if recipe.parallel.context > 1:
-        types = recipe.model.cp_comm_types(recipe.parallel)
-        # TE: a window needs a2a/all_gather; global layers keep p2p
-        assert all(t in ("a2a", "all_gather") for t, k in zip(types, recipe.model.layer_pattern.layers) if k == "S")
+        types = recipe.model.cp_comm_types(recipe.parallel, recipe.train.backend)
+        # sliding layers exchange halos (never TE's p2p/a2a+p2p, which refuse a window);
+        # global layers use TE's ring (p2p)
+        assert all(t == "halo" for t, k in zip(types, recipe.model.layer_pattern.layers) if k == "S")
         assert all(t == "p2p" for t, k in zip(types, recipe.model.layer_pattern.layers) if k == "G")

@@ -95,3 +95,34 @@ def test_vpp_numbering_for_a_pattern_not_aligned_with_stages():
         spec = block_spec(cfg, tc, vp_stage=vp_stage, pp_rank=pp_rank)
         thetas = [_attention(s).params["rope_theta"] for s in spec.layer_specs]
         assert thetas == [None if n % 4 == 0 else cfg.rope_theta for n in numbers]
+
+
+def test_te_context_parallel_gives_sliding_layers_the_halo_exchange():
+    """CP on te: sliding layers (cp_comm_type 'halo', the default) get our halo exchange
+    around TE's attention; global layers keep TE's own CP (p2p ring). Choosing TE's a2a
+    for sliding layers puts TE's attention back."""
+    from rnope_megatron.attention.te_halo import HaloTEDotProductAttention
+
+    cfg = tiny_config(num_layers=8)
+    tc = cfg.to_transformer_config(ParallelLayout(context=2), backend="te")
+    assert tc.cp_comm_type == ["halo", "halo", "halo", "p2p"] * 2
+    specs = block_spec(cfg, tc, backend="te", pp_rank=0).layer_specs
+    for number, spec in enumerate(specs, start=1):
+        core = _attention(spec).submodules.core_attention
+        assert core is (te_ext.TEDotProductAttention if number % 4 == 0 else HaloTEDotProductAttention), number
+    a2a = cfg.to_transformer_config(ParallelLayout(context=2, context_comm_sliding="a2a"), backend="te")
+    assert a2a.cp_comm_type == ["a2a", "a2a", "a2a", "p2p"] * 2
+    assert all(_attention(s).submodules.core_attention is te_ext.TEDotProductAttention
+               for s in block_spec(cfg, a2a, backend="te", pp_rank=0).layer_specs)
+    portable = cfg.to_transformer_config(ParallelLayout(context=2))
+    assert portable.cp_comm_type == ["halo", "halo", "halo", "all_gather"] * 2
+
+
+def test_halo_attention_without_transformer_engine_says_what_to_install():
+    from rnope_megatron.attention.te_halo import HaloTEDotProductAttention, _te_available
+
+    if _te_available():
+        pytest.skip("Transformer Engine is installed")
+    cfg = tiny_config()
+    with pytest.raises(RuntimeError, match=r"needs Transformer Engine: pip install 'rnope-megatron\[te\]'"):
+        HaloTEDotProductAttention(cfg.to_transformer_config(ParallelLayout(context=2), backend="te"), 1, None)

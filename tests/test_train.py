@@ -44,8 +44,9 @@ def test_single_process_trains_logs_and_checkpoints(single):
         ["parallel.pipeline=2"],
         ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
         [],  # data parallel 2
+        ["parallel.context=2"],  # halo exchange (S layers), all-gather (G layers)
     ],
-    ids=["tp2", "tp2-sp", "pp2", "pp2-vpp2", "dp2"],
+    ids=["tp2", "tp2-sp", "pp2", "pp2-vpp2", "dp2", "cp2"],
 )
 def test_parallel_layouts_follow_the_single_process_trajectory(single, tmp_path, data_cache, layout):
     reference = losses(single[0])
@@ -112,6 +113,21 @@ def test_checkpoint_from_tp2_resumes_under_pp2(single, tmp_path, data_cache):
     reference, ours = losses(single[0]), losses(tmp_path)
     for iteration in (4, 5, 6):
         assert ours[iteration] == pytest.approx(reference[iteration], abs=2e-4), iteration
+
+
+def test_checkpoints_move_between_context_parallel_sizes(single, tmp_path, data_cache):
+    """CP splits activations, not weights: a run saved under CP=2 resumes under CP=1 and
+    one saved under CP=1 resumes under CP=2, both on the one-process trajectory."""
+    common = [f"data.cache_dir={data_cache}"]
+    reference = losses(single[0])
+    for first, then, name in ((["parallel.context=2"], [], "cp2-to-cp1"), ([], ["parallel.context=2"], "cp1-to-cp2")):
+        run_dir = tmp_path / name
+        train(run_dir, *common, *first, "train.stop_at=3", nproc=2 if first else None)
+        out = train(run_dir, *common, *then, nproc=2 if then else None)
+        assert "resumed from" in out.stdout and "iter_0000003" in out.stdout
+        ours = losses(run_dir)
+        for iteration in (4, 5, 6):
+            assert ours[iteration] == pytest.approx(reference[iteration], abs=2e-4), (name, iteration)
 
 
 def test_distributed_optimizer_checkpoint_resumes_on_the_same_trajectory(single, tmp_path, data_cache):

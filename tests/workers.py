@@ -25,13 +25,35 @@ def global_grads(model) -> dict:
     return grads
 
 
+def _on_this_cp_rank(tensor, cp_group):
+    """Megatron's own split of a [batch, seq] tensor for this context-parallel rank."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    return get_batch_on_this_cp_rank({"x": tensor}, False, cp_group)["x"]
+
+
+def _whole_sequence(local, cp_group):
+    """Inverse of the CP split for [batch, local seq, ...]: gather and restore token order."""
+    size = dist.get_world_size(cp_group)
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.contiguous(), group=cp_group)
+    half = local.shape[1] // 2
+    chunks = [None] * (2 * size)
+    for r, part in enumerate(parts):
+        chunks[r], chunks[2 * size - 1 - r] = part[:, :half], part[:, half:]
+    return torch.cat(chunks, dim=1)
+
+
 def forward_backward(rank, world_size, port, layout_kwargs, model_kwargs, ids):
     """Loss, full-vocab logits and global gradients for one batch, under ``layout``.
 
     Pipeline stages hand activations over with plain send/recv (the real pipeline
     schedule is the trainer's business); tied embedding grads (over Megatron's embedding
     group) and sequence-parallel norm grads (over TP) are all-reduced as
-    finalize_model_grads does."""
+    finalize_model_grads does. Under context parallelism each rank takes its chunks with
+    Megatron's get_batch_on_this_cp_rank, its loss is its tokens' share of the mean, and
+    the replicated weights' gradients are summed over the CP group (as Megatron's DDP does
+    over data x context parallel ranks)."""
     from megatron.core import parallel_state, tensor_parallel
 
     layout = ParallelLayout(**layout_kwargs)
@@ -43,9 +65,13 @@ def forward_backward(rank, world_size, port, layout_kwargs, model_kwargs, ids):
     model = build_model(cfg, tc, pre_process=first, post_process=last)
     fill_from_global(model, seeded_full_tensor(seed=7))
 
+    total_tokens = ids.numel()
+    labels = torch.roll(ids, -1, 1)
+    cp_group = parallel_state.get_context_parallel_group() if layout.context > 1 else None
+    if cp_group is not None:
+        ids, labels = _on_this_cp_rank(ids, cp_group), _on_this_cp_rank(labels, cp_group)
     batch, seq = ids.shape
     pos = torch.arange(seq).expand(batch, -1)
-    labels = torch.roll(ids, -1, 1)
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     ranks = dist.get_process_group_ranks(pp_group)
     hidden = torch.empty(seq, batch, cfg.hidden_size, requires_grad=True)
@@ -55,12 +81,17 @@ def forward_backward(rank, world_size, port, layout_kwargs, model_kwargs, ids):
     result = {}
     if last:
         losses = model(ids, pos, None, labels=labels)
-        loss = losses.mean()
+        loss = losses.sum() / total_tokens  # this rank's share of the mean over all tokens
         loss.backward()
         with torch.no_grad():
             logits = model(ids, pos, None)
-            result["logits"] = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
-        result["loss"] = loss.detach()
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+            total = loss.detach().clone()
+            if cp_group is not None:
+                logits = _whole_sequence(logits, cp_group)
+                dist.all_reduce(total, group=cp_group)
+            result["logits"] = logits
+        result["loss"] = total
     else:
         out = model(ids, pos, None)
         dist.send(out.detach(), dst=ranks[pp_rank + 1], group=pp_group)
@@ -76,8 +107,50 @@ def forward_backward(rank, world_size, port, layout_kwargs, model_kwargs, ids):
     if cfg.tie_embeddings and layout.pipeline > 1 and (first or last):
         shared = model.shared_embedding_or_output_weight()
         dist.all_reduce(shared.grad, group=parallel_state.get_embedding_group())
+    if cp_group is not None:  # weights are replicated over CP: their gradients add up
+        for param in model.parameters():
+            if param.grad is not None:
+                dist.all_reduce(param.grad, group=cp_group)
     result["grads"] = global_grads(model)
     return result
+
+
+def context_parallel_traffic(rank, world_size, port, seq, window, heads, dim, letter):
+    """Bytes this rank sends (point-to-point and all-gather contributions) for one
+    sliding (``letter`` S) or global (G) layer's attention, forward + backward, at CP =
+    world_size; and the output/gradients gathered back to token order, for comparison
+    with one process."""
+    from rnope_megatron.attention import context_parallel
+
+    layout = ParallelLayout(context=world_size)
+    init_megatron(rank, world_size, port, layout)
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_context_parallel_group()
+    sent = {"p2p": 0, "all_gather": 0}
+    real_batch, real_gather = dist.batch_isend_irecv, dist.all_gather
+
+    def counting_batch(ops):
+        sent["p2p"] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
+        return real_batch(ops)
+
+    def counting_gather(outputs, tensor, *args, **kwargs):
+        sent["all_gather"] += tensor.numel() * tensor.element_size()
+        return real_gather(outputs, tensor, *args, **kwargs)
+
+    dist.batch_isend_irecv, dist.all_gather = counting_batch, counting_gather
+    try:
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(seq, 1, heads, dim, generator=g, dtype=torch.float64) for _ in range(3))
+        grad_out = torch.randn(seq, 1, heads, dim, generator=g, dtype=torch.float64)
+        local = [_on_this_cp_rank(x.transpose(0, 1), group).transpose(0, 1).clone().requires_grad_()
+                 for x in (q, k, v)]
+        out = context_parallel.context_parallel_attention(*local, window if letter == "S" else None, 0.25, group)
+        out.backward(_on_this_cp_rank(grad_out.transpose(0, 1), group).transpose(0, 1))
+    finally:
+        dist.batch_isend_irecv, dist.all_gather = real_batch, real_gather
+    whole = [_whole_sequence(x.transpose(0, 1), group) for x in (out.detach(), *(t.grad for t in local))]
+    return {"sent": sent, "out": whole[0], "grads": whole[1:]}
 
 
 def built_layers(rank, world_size, port, layout_kwargs, model_kwargs):

@@ -36,11 +36,6 @@ class PortableDotProductAttention(MegatronModule):
         window: int | None = None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size > 1:
-            raise NotImplementedError(
-                "context parallelism needs the 'te' attention backend (TE's a2a/all_gather "
-                "CP supports sliding windows); the portable backend runs CP=1"
-            )
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError("the portable attention backend supports attention_dropout=0 only")
@@ -49,6 +44,14 @@ class PortableDotProductAttention(MegatronModule):
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.window = window
+        # Context parallelism: sliding layers exchange halos, global layers all-gather K/V
+        # (rnope_megatron.attention.context_parallel).
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            from megatron.core import parallel_state
+
+            cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+            self.cp_group = cp if cp is not None else parallel_state.get_context_parallel_group()
 
     def forward(
         self, query, key, value, attention_mask=None, attn_mask_type=None,
@@ -64,6 +67,11 @@ class PortableDotProductAttention(MegatronModule):
                 "(padding masks are not supported)"
             )
         seq, batch, heads, dim = query.shape
+        if self.cp_group is not None:
+            from rnope_megatron.attention.context_parallel import context_parallel_attention
+
+            out = context_parallel_attention(query, key, value, self.window, self.softmax_scale, self.cp_group)
+            return out.reshape(seq, batch, heads * dim)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, s, d]
         if self.window is None:
             out = causal_attention(q, k, v, self.softmax_scale)
@@ -73,4 +81,7 @@ class PortableDotProductAttention(MegatronModule):
 
     def extra_repr(self) -> str:
         span = f"sliding window {self.window}" if self.window else "global causal"
-        return f"layer {self.layer_number}: {span}"
+        cp = ""
+        if self.cp_group is not None:
+            cp = ", CP: halo exchange" if self.window else ", CP: all-gather of K/V"
+        return f"layer {self.layer_number}: {span}{cp}"

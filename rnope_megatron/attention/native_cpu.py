@@ -179,18 +179,21 @@ def block_rows(window: int) -> int:
 
 
 class SlidingWindowCPU(torch.autograd.Function):
-    """Exact sliding-window attention on the native kernel; q, k, v are [..., L, D],
-    contiguous, one shape and one dtype in :data:`KERNEL_DTYPES`. The leading dims are
-    flattened inside (not as autograd views: four fewer graph nodes per call)."""
+    """Exact sliding-window attention on the native kernel. q is [..., Lq, D], k and v
+    [..., Lk, D] with Lk >= Lq: the queries are the last Lq positions of the keys (a
+    context-parallel chunk after its halo; Lk - Lq < window). Contiguous, one dtype in
+    :data:`KERNEL_DTYPES`, equal head counts. The leading dims are flattened inside (not
+    as autograd views: four fewer graph nodes per call)."""
 
     @staticmethod
     def forward(ctx, q, k, v, window: int, scale: float):
         block_q = block_rows(window)
-        flat = [x.view(-1, *q.shape[-2:]) for x in (q, k, v)]
-        out, lse = torch.ops.rnope.sliding_window_cpu_forward(*flat, window, scale, block_q)
-        ctx.save_for_backward(*flat, out, lse)
+        fq = q.view(-1, *q.shape[-2:])
+        fk, fv = (x.view(-1, *k.shape[-2:]) for x in (k, v))
+        out, lse = torch.ops.rnope.sliding_window_cpu_forward(fq, fk, fv, window, scale, block_q)
+        ctx.save_for_backward(fq, fk, fv, out, lse)
         ctx.args = (window, scale, block_q)
-        ctx.shape = q.shape
+        ctx.shapes = q.shape, k.shape
         return out.view(q.shape)
 
     @staticmethod
@@ -199,11 +202,12 @@ class SlidingWindowCPU(torch.autograd.Function):
         dq, dk, dv = torch.ops.rnope.sliding_window_cpu_backward(
             grad_out.contiguous().view(q.shape), q, k, v, out, lse, *ctx.args
         )
-        return dq.view(ctx.shape), dk.view(ctx.shape), dv.view(ctx.shape), None, None
+        q_shape, k_shape = ctx.shapes
+        return dq.view(q_shape), dk.view(k_shape), dv.view(k_shape), None, None
 
 
 def sliding_window_cpu(q, k, v, window: int, scale: float) -> torch.Tensor:
-    """[B, H, L, D] q, k, v with equal head counts → [B, H, L, D] output."""
+    """[B, H, Lq, D] q and [B, H, Lk, D] k, v (Lk >= Lq, equal head counts) → [B, H, Lq, D]."""
     if not _load():
         raise KernelBuildError("the native CPU sliding-window kernel did not build (see the warning)")
     return SlidingWindowCPU.apply(q.contiguous(), k.contiguous(), v.contiguous(), window, scale)

@@ -1,16 +1,44 @@
-"""Per-layer rotary embedding: each RoPE layer owns one, NoPE layers have none.
+"""Per-layer rotary embedding: each RoPE layer has one, NoPE layers have none.
 
 Megatron's model-global ``RotaryEmbedding`` moves its frequencies to
 ``torch.cuda.current_device()`` and has one base for all layers. This one builds the same
 ``[s, 1, 1, dim]`` frequency tensor (Megatron's layout for rotate-half and interleaved, so
 Megatron's own ``apply_rotary_pos_emb`` applies it, fused on GPU) on the activations'
-device, with the layer kind's own base."""
+device, with the layer kind's own base. Layers with the same base share one table
+(:func:`frequency_table`): at 128k tokens a table is tens of MB, once per theta and device,
+not once per layer.
+"""
 
 from __future__ import annotations
 
 import torch
-from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
 from torch import nn
+
+# (head_dim, theta, interleaved, device) -> the longest table built so far
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def frequency_table(head_dim: int, theta: float, interleaved: bool, seq_len: int, device) -> torch.Tensor:
+    """RoPE angles for positions 0..seq_len-1 as [seq_len, 1, 1, head_dim] (fp32), from a
+    cache shared by every layer with this base (grown when a longer sequence comes)."""
+    key = (head_dim, float(theta), interleaved, str(device))
+    table = _TABLES.get(key)
+    if table is None or table.shape[0] < seq_len:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+        if interleaved:
+            emb = torch.stack((freqs, freqs), dim=-1).view(seq_len, -1)
+        else:
+            emb = torch.cat((freqs, freqs), dim=-1)
+        table = _TABLES[key] = emb[:, None, None, :]
+    return table[:seq_len]
+
+
+def zigzag_rows(table: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """This context-parallel rank's positions of a per-position tensor (chunks r and
+    2·CP−1−r of 2·CP, Megatron's ``get_batch_on_this_cp_rank`` layout)."""
+    chunks = table.view(2 * cp_size, -1, *table.shape[1:])
+    return torch.cat([chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]])
 
 
 class LayerRotaryEmbedding(nn.Module):
@@ -25,26 +53,13 @@ class LayerRotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, interleaved: bool):
         super().__init__()
         self.head_dim, self.theta, self.interleaved = head_dim, theta, interleaved
-        self._cache: dict = {}
 
     def forward(self, seq_len: int, device: torch.device, cp_group=None) -> torch.Tensor:
         """Frequencies for positions ``0..seq_len-1`` of the full (all-CP-ranks) sequence,
         sliced to this context-parallel rank's chunks."""
-        key = (seq_len, str(device))
-        if key not in self._cache:
-            inv_freq = 1.0 / (
-                self.theta
-                ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim)
-            )
-            freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-            if self.interleaved:
-                emb = torch.stack((freqs, freqs), dim=-1).view(seq_len, -1)
-            else:
-                emb = torch.cat((freqs, freqs), dim=-1)
-            self._cache = {key: emb[:, None, None, :]}  # keep one length: lengths rarely vary
-        emb = self._cache[key]
+        emb = frequency_table(self.head_dim, self.theta, self.interleaved, seq_len, device)
         if cp_group is not None and cp_group.size() > 1:
-            emb = get_pos_emb_on_this_cp_rank(emb, 0, cp_group)
+            emb = zigzag_rows(emb, cp_group.size(), cp_group.rank())
         return emb
 
     def extra_repr(self) -> str:

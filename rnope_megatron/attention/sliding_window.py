@@ -26,6 +26,14 @@ small masked call. Cost ≈ L·(W + Bq/2) key visits, memory O(L·W/Bq) = O(L).
 
 CUDA: FlexAttention with a block mask (forward and backward), when torch has it.
 Anything else falls back to SDPA with a dense mask (O(L²) memory) and says so once.
+
+Keys may start before the queries (``Lk > Lq``): the queries are then the *last* ``Lq``
+positions of the keys ("bottom-right" alignment), as for a context-parallel chunk whose
+keys are prefixed with the halo of earlier tokens (sliding layers) or with the gathered
+earlier chunks (global layers). Every path handles it: the native kernel natively, the
+pure-torch sliding path by zero query rows in front (their outputs are dropped and, having
+no gradient, they add nothing to dK/dV), global layers on CPU as two flash calls (the
+earlier keys unmasked, the diagonal block causal) merged by log-sum-exp.
 """
 
 from __future__ import annotations
@@ -43,10 +51,12 @@ _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def sliding_window_mask(seq_len: int, window: int, device=None) -> torch.Tensor:
-    """Boolean [L, L] mask, True where query i may attend key j (HF window semantics)."""
-    i = torch.arange(seq_len, device=device)[:, None]
-    j = torch.arange(seq_len, device=device)[None, :]
+def sliding_window_mask(seq_len: int, window: int, device=None, kv_len: int | None = None) -> torch.Tensor:
+    """Boolean [Lq, Lk] mask, True where query i may attend key j (HF window semantics);
+    query i sits at key position ``i + Lk - Lq`` (``kv_len`` defaults to ``seq_len``)."""
+    kv_len = seq_len if kv_len is None else kv_len
+    i = torch.arange(seq_len, device=device)[:, None] + (kv_len - seq_len)
+    j = torch.arange(kv_len, device=device)[None, :]
     return (j <= i) & (j > i - window)
 
 
@@ -186,20 +196,22 @@ def flex_attention_available(device: torch.device) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _flex_block_mask(seq_len: int, window: int, device: str):
+def _flex_block_mask(q_len: int, kv_len: int, window: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
     return create_block_mask(
-        sliding_window_mask_mod(window), B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len,
+        sliding_window_mask_mod(window, kv_len - q_len), B=None, H=None, Q_LEN=q_len, KV_LEN=kv_len,
         device=device,
     )
 
 
-def sliding_window_mask_mod(window: int):
-    """FlexAttention mask_mod for the HF window (shared by the CUDA path and its tests)."""
+def sliding_window_mask_mod(window: int, q_offset: int = 0):
+    """FlexAttention mask_mod for the HF window (shared by the CUDA path and its tests);
+    query ``q_idx`` sits at key position ``q_idx + q_offset``."""
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (kv_idx > q_idx - window)
+        position = q_idx + q_offset
+        return (kv_idx <= position) & (kv_idx > position - window)
 
     return mask_mod
 
@@ -219,24 +231,35 @@ def sliding_window_attention(
     """Causal attention restricted to the last ``window`` keys (HF semantics).
 
     Args:
-        q: [B, Hq, L, D]. k, v: [B, Hkv, L, D] with Hq a multiple of Hkv (GQA).
+        q: [B, Hq, Lq, D]. k, v: [B, Hkv, Lk, D] with Hq a multiple of Hkv (GQA) and
+            Lk >= Lq: the queries are the last Lq key positions (Lk > Lq: a halo of
+            earlier keys, e.g. from other context-parallel ranks).
         window: W >= 1 keys visible per query, the current one included.
         scale: softmax scale, default 1/sqrt(D).
-    Returns: [B, Hq, L, D].
+    Returns: [B, Hq, Lq, D].
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    seq, d = q.shape[2], q.shape[3]
+    seq, kv_len, d = q.shape[2], k.shape[2], q.shape[3]
+    if kv_len < seq:
+        raise ValueError(f"keys ({kv_len}) must cover the queries ({seq})")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    if seq <= window:  # the window covers everything: plain causal attention
+    if kv_len - seq > window - 1:  # keys no query sees: drop them (their gradient is zero)
+        k, v = (x[:, :, kv_len - seq - (window - 1):] for x in (k, v))
+        kv_len = seq + window - 1
+    if kv_len <= window:  # the window covers everything: plain causal attention
         return causal_attention(q, k, v, scale)
+    offset = kv_len - seq
     groups = q.shape[1] // k.shape[1]
     if q.device.type == "cpu":
         k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
         if window == 1:  # every query sees only itself
-            return v.clone()
+            return v[:, :, offset:].clone()
         if native_kernel_usable(q.dtype):
             return sliding_window_cpu(q, k, v, window, scale)
+        if offset:  # zero queries in front: outputs dropped, no gradient into K/V
+            out = sliding_window_attention(F.pad(q, (0, 0, offset, 0)), k, v, window, scale)
+            return out[:, :, offset:]
         tile = query_tile(window)
         prefix = -(-(window - 1) // tile) * tile
         pad = prefix - seq if seq <= prefix else (-(seq - prefix)) % tile
@@ -245,23 +268,68 @@ def sliding_window_attention(
         out = _BlockedSlidingWindowCPU.apply(q, k, v, window, tile, scale)
         return out[:, :, :seq] if pad else out
     if flex_attention_available(q.device):
-        mask = _flex_block_mask(seq, window, str(q.device))
+        mask = _flex_block_mask(seq, kv_len, window, str(q.device))
         return _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=groups > 1)
     _warn_dense_fallback(q.device.type)
     k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
-    mask = sliding_window_mask(seq, window, q.device)
+    mask = sliding_window_mask(seq, window, q.device, kv_len=kv_len)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+class _OffsetCausalCPU(torch.autograd.Function):
+    """Causal attention of Lq queries that are the last Lq of Lk keys, on torch's CPU flash
+    kernel without a mask: the earlier keys [0, Lk-Lq) are visible to every query (one
+    unmasked call), the last Lq keys form an ordinary causal block (one ``is_causal``
+    call); the two are merged by log-sum-exp and their backward calls receive the merged
+    output and log-sum-exp, which gives the gradients of the combined softmax."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        offset = k.shape[2] - q.shape[2]
+        parts = ((k[:, :, :offset], v[:, :, :offset], False), (k[:, :, offset:], v[:, :, offset:], True))
+        results = [_cpu_flash(q, pk, pv, 0.0, causal, scale=scale) for pk, pv, causal in parts]
+        (o_past, l_past), (o_diag, l_diag) = results
+        lse = torch.logaddexp(l_past, l_diag)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        out = (o_past.to(acc) * torch.exp(l_past - lse).unsqueeze(-1)
+               + o_diag.to(acc) * torch.exp(l_diag - lse).unsqueeze(-1)).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        offset = k.shape[2] - q.shape[2]
+        grad_out = grad_out.contiguous()
+        past = _cpu_flash_backward(grad_out, q, k[:, :, :offset], v[:, :, :offset], out, lse, 0.0, False,
+                                   scale=ctx.scale)
+        diag = _cpu_flash_backward(grad_out, q, k[:, :, offset:], v[:, :, offset:], out, lse, 0.0, True,
+                                   scale=ctx.scale)
+        dk = torch.cat([past[1], diag[1]], dim=2)
+        dv = torch.cat([past[2], diag[2]], dim=2)
+        return past[0] + diag[0], dk, dv, None
 
 
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
-    """Full causal attention (global layers). Shapes as :func:`sliding_window_attention`."""
+    """Full causal attention (global layers). Shapes as :func:`sliding_window_attention`
+    (Lk > Lq: the queries are the last Lq positions)."""
     groups = q.shape[1] // k.shape[1]
+    seq, kv_len = q.shape[2], k.shape[2]
     if q.device.type == "cpu":
         # SDPA's enable_gqa path leaves the CPU flash kernel; repeating K/V keeps it.
         k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        if kv_len > seq:
+            scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+            return _OffsetCausalCPU.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if kv_len > seq:
+        from torch.nn.attention.bias import causal_lower_right
+
+        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(seq, kv_len), scale=scale)
     return F.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=scale, enable_gqa=groups > 1
     )

@@ -99,7 +99,8 @@ class Engine:
             overrides["recompute_granularity"] = t.recompute
             if t.recompute == "full":
                 overrides.update(recompute_method="uniform", recompute_num_layers=1)
-        return self.recipe.model.to_transformer_config(layout, params_dtype=t.precision, **overrides)
+        return self.recipe.model.to_transformer_config(layout, params_dtype=t.precision, backend=t.backend,
+                                                       **overrides)
 
     def _build_chunks(self) -> list:
         """This rank's model chunks (one per virtual pipeline stage)."""

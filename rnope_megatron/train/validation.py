@@ -59,11 +59,34 @@ def validate_parallel(recipe: Recipe) -> None:
         raise RecipeError("parallel.sequence_parallel needs parallel.tensor > 1")
     if p.sequence_parallel and t.seq_length % p.tensor:
         raise RecipeError(f"train.seq_length={t.seq_length} is not divisible by parallel.tensor={p.tensor} (sequence parallel)")
-    if p.context > 1:
-        if t.backend != "te":
-            raise RecipeError("parallel.context > 1 needs train.backend=te (TE context parallelism)")
-        if t.seq_length % (2 * p.context):
-            raise RecipeError(f"train.seq_length={t.seq_length} must be divisible by 2 x parallel.context={2 * p.context}")
+    if p.context > 1 and t.seq_length % (2 * p.context):
+        # Megatron's load-balanced split: 2 x CP equal chunks, two per rank
+        raise RecipeError(f"train.seq_length={t.seq_length} must be divisible by 2 x parallel.context={2 * p.context}")
+    validate_context_communication(recipe)
+    if p.context > 1 and p.sequence_parallel and (t.seq_length // p.context) % p.tensor:
+        raise RecipeError(f"train.seq_length / parallel.context = {t.seq_length // p.context} tokens per rank is not "
+                          f"divisible by parallel.tensor={p.tensor} (sequence parallel)")
+
+
+SLIDING_COMM = {"portable": ("halo",), "te": ("halo", "a2a", "all_gather")}
+GLOBAL_COMM = {"portable": ("all_gather",), "te": ("p2p", "all_gather", "a2a")}
+
+
+def validate_context_communication(recipe: Recipe) -> None:
+    """The per-kind CP communication against what each backend offers and TE's rules:
+    no p2p / a2a+p2p on a windowed layer inside TE (not offered for S), and a2a splits
+    heads over the CP ranks (Q and KV heads per TP rank divisible by CP)."""
+    p, m, backend = recipe.parallel, recipe.model, recipe.train.backend
+    for field, allowed in (("context_comm_sliding", SLIDING_COMM), ("context_comm_global", GLOBAL_COMM)):
+        value = getattr(p, field)
+        if value is not None and value not in allowed[backend]:
+            raise RecipeError(f"parallel.{field}={value!r} is not available on train.backend={backend} "
+                              f"(choose from {list(allowed[backend])})")
+    if p.context > 1 and "a2a" in (p.context_comm_sliding, p.context_comm_global):
+        heads, groups = m.num_attention_heads // p.tensor, max(1, m.query_groups // p.tensor)
+        if heads % p.context or groups % p.context:
+            raise RecipeError(f"parallel.context_comm_*=a2a splits heads over CP ranks: {heads} query and {groups} "
+                              f"KV heads per TP rank are not divisible by parallel.context={p.context}")
 
 
 def validate_train(recipe: Recipe) -> None:
