@@ -134,7 +134,7 @@ def test_resume_with_another_architecture_is_refused(saved_run, tmp_path, data_c
 def test_a_new_stage_may_change_only_the_sequence_length(saved_run, tmp_path, data_cache):
     stage = [f"data.cache_dir={data_cache}", *COMMON, f"checkpoint.load={saved_run / 'checkpoints'}",
              "checkpoint.reset_optimizer=true", "train.iters=2"]
-    out = train(tmp_path / "longer", *stage, "model.max_seq_length=512")
+    out = train(tmp_path / "longer", *stage, "model.max_seq_length=8192")
     assert "(weights only) at iteration 0" in out.stdout
     refused = train(tmp_path / "other", *stage, "model.window=32", check=False)
     assert_one_line_error(refused, "rnope-train", "model.window: 64 -> 32")

@@ -54,7 +54,7 @@ BAD = [
      "model.num_query_groups=4 and parallel.tensor=3"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel needs parallel.tensor > 1"),
     (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size=10 is not a multiple"),
-    (["train.seq_length=512"], "train.seq_length=512 exceeds model.max_seq_length=256"),
+    (["train.seq_length=8192"], "train.seq_length=8192 exceeds model.max_seq_length=4096"),
     (["parallel.context=3"], "train.seq_length=256 must be divisible by 2 x parallel.context=6"),
     (["parallel.context=2", "parallel.context_comm_global=p2p"],
      "parallel.context_comm_global='p2p' is not available on train.backend=portable"),

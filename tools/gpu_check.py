@@ -7,7 +7,11 @@
    TE): fp32 per-iteration losses vs a CPU run of the same recipe on the same data
    (``--cpu-reference DIR`` holding that run's ``metrics.jsonl`` and its ``data/`` cache,
    made with ``tools/gpu_check.sh --prepare`` on a CPU machine), then a bf16 run.
-5. benchmarks/attention.py on CUDA (bf16), printed as a table (--quick: one length).
+5. The CUDA kernels context parallelism runs on one rank: sliding window with a halo
+   (queries at the end of longer keys; FlexAttention with an offset mask) and causal
+   attention against earlier chunks (SDPA's causal_lower_right), vs a float64 reference.
+   (Multi-rank CP over NCCL needs two GPUs; the TE halo wrapper needs TE.)
+6. benchmarks/attention.py on CUDA (bf16), printed as a table (--quick: one length).
 
 Each check runs on even if an earlier one failed; the summary table says which held.
 
@@ -51,6 +55,28 @@ def check_flex(results):
         err = max((out.double().cpu() - ref).abs().max().item(),
                   *((a.grad.double().cpu() - b.grad).abs().max().item() for a, b in ((qc, qd), (kc, kd), (vc, vd))))
         results.append((f"flex SWA fwd+bwd L={seq} W={window} H={heads}/{groups}", err, err < 2e-3))
+
+
+def check_offset_kernels(results):
+    """Queries that are the last Lq of Lk keys, as a context-parallel chunk sees them."""
+    from rnope_megatron.attention.sliding_window import (causal_attention, sliding_window_attention,
+                                                         sliding_window_mask)
+
+    for q_len, k_len, window in [(512, 639, 128), (1000, 1511, 512), (256, 1280, None)]:
+        g = torch.Generator().manual_seed(1)
+        q, k, v = (torch.randn(1, h, n, 64, generator=g) for h, n in ((8, q_len), (2, k_len), (2, k_len)))
+        gpu = [x.cuda().requires_grad_() for x in (q, k, v)]
+        out = sliding_window_attention(*gpu, window) if window else causal_attention(*gpu)
+        out.sum().backward()
+        ref_in = [x.double().requires_grad_() for x in (q, k, v)]
+        kk, vv = (x.repeat_interleave(4, 1) for x in ref_in[1:])
+        mask = sliding_window_mask(q_len, window or k_len, kv_len=k_len)
+        ref = torch.softmax((ref_in[0] @ kk.transpose(-1, -2) / 8).masked_fill(~mask, float("-inf")), -1) @ vv
+        ref.sum().backward()
+        err = max((out.double().cpu() - ref).abs().max().item(),
+                  *((a.grad.double().cpu() - b.grad).abs().max().item() for a, b in zip(gpu, ref_in)))
+        name = f"W={window}" if window else "global"
+        results.append((f"CP chunk on CUDA ({name}) Lq={q_len} Lk={k_len} fwd+bwd", err, err < 2e-3))
 
 
 def check_model(results):
@@ -123,7 +149,7 @@ def main():
         sys.exit("no CUDA device: this script is for a GPU machine")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
     results = []
-    checks = [check_compat, check_flex, check_model]
+    checks = [check_compat, check_flex, check_offset_kernels, check_model]
     if args.cpu_reference:
         checks.append(functools.partial(check_trainer, reference=args.cpu_reference))
     for check in checks:

@@ -189,7 +189,7 @@ class Engine:
         batch = next(data_iterator)
         if self.cp_group is not None:
             # Megatron's load-balanced (2·CP chunks) split of the sequence; the RoPE
-            # layers slice their frequencies the same way (get_pos_emb_on_this_cp_rank).
+            # layers slice their frequencies the same way (attention.rotary.zigzag_rows).
             from megatron.core.utils import get_batch_on_this_cp_rank
 
             batch = get_batch_on_this_cp_rank(dict(batch), False, self.cp_group)

@@ -191,7 +191,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "sliding_window_cpu expects [BH, L, D] tensors, got ", q.sizes());
   TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2) &&
                   q.size(1) <= k.size(1),
-              "sliding_window_cpu: q [BH, Lq, D], k and v [BH, Lk >= Lq, D] (repeat K/V for GQA first)");
+              "sliding_window_cpu: q, k, v must have one shape but for the keys' length: q [BH, Lq, D], "
+              "k and v [BH, Lk >= Lq, D] (repeat K/V for GQA first)");
   TORCH_CHECK(q.device().is_cpu(), "sliding_window_cpu runs on CPU tensors only");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
               "sliding_window_cpu: inputs must be contiguous");
