@@ -55,6 +55,8 @@ def test_parallel_layouts_follow_the_single_process_trajectory(single, tmp_path,
     assert ours.keys() == reference.keys()
     for iteration in reference:
         assert ours[iteration] == pytest.approx(reference[iteration], abs=2e-4), iteration
+    # each token counted once, whatever the layout (CP and DP ranks hold different ones)
+    assert [m["tokens"] for m in metrics(tmp_path)] == [8 * 128] * len(reference)
 
 
 def test_torchrun_with_one_process_matches_plain_python(single, tmp_path, data_cache):

@@ -92,7 +92,7 @@ class MetricsLogger:
         done = iteration - self.start_iteration
         eta = (now - self.start) / max(done, 1) * (self.total - iteration)
         record = {
-            "iteration": iteration, "loss": loss, "lr": lr,
+            "iteration": iteration, "loss": loss, "lr": lr, "tokens": self.window_tokens,
             "grad_norm": None if math.isnan(grad_norm) else grad_norm,
             "tokens_per_s": round(tokens_per_s, 1), "tflops_per_device": round(tflops, 4),
             "elapsed_s": round(now - self.start, 2), "eta_s": round(eta, 1), "skipped": skipped,
