@@ -190,6 +190,15 @@ def test_real_configs_import():
     assert smol.rope_theta == 5e6 and smol.block == "sequential" and not smol.rotary_interleaved
 
 
+def test_export_writes_the_theta_of_the_layers_that_rotate():
+    """A model whose only RoPE layers are global R layers exports their base
+    (global_rope_theta), not the sliding layers' rope_theta."""
+    from rnope_megatron.config import RNoPEConfig
+
+    cfg = RNoPEConfig(num_layers=2, pattern="GR", rope_theta=1e4, global_rope_theta=5e5)
+    assert adapter_named("smollm3").to_hf(cfg)["rope_parameters"]["rope_theta"] == 5e5
+
+
 def test_refusals_name_the_reason():
     cfg = adapter_of(COMMAND_R7B).from_hf(COMMAND_R7B)
     import dataclasses

@@ -99,3 +99,29 @@ def test_wrongly_typed_config_fields_are_named(hf_and_megatron, tmp_path):
         (edited / "config.json").write_text(json.dumps(config))
         result = convert("from-hf", edited, tmp_path / f"out-{field}")
         assert_one_line_error(result, "rnope-convert", "config.json", message)
+
+
+def test_a_failed_replacement_puts_the_previous_output_back(tmp_path, monkeypatch):
+    """If moving the new output into place fails after the old one was moved aside, the
+    old one is restored under its name."""
+    import pathlib as _pathlib
+
+    from rnope_megatron.convert.output import MARKER, staged_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MARKER).write_text("{}")
+    (out / "weights").write_text("previous")
+    real_rename = _pathlib.Path.rename
+
+    def failing_rename(self, target):
+        if ".partial-" in self.name:
+            raise OSError(28, "No space left on device", str(target))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(_pathlib.Path, "rename", failing_rename)
+    with pytest.raises(OSError):
+        with staged_output(out, [tmp_path / "input"], True, {}) as stage:
+            (stage / "weights").write_text("new")
+    assert (out / "weights").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -59,6 +59,16 @@ def test_parallel_layouts_follow_the_single_process_trajectory(single, tmp_path,
     assert [m["tokens"] for m in metrics(tmp_path)] == [8 * 128] * len(reference)
 
 
+def test_every_token_is_logged_once_whatever_the_intervals(tmp_path, data_cache):
+    """Logging every 4 iterations, saving every 3: each checkpoint also writes a record, so
+    the records' token counts add up to every token trained (a save once dropped the
+    tokens logged since the last record, and a resume could skip them)."""
+    train(tmp_path, f"data.cache_dir={data_cache}", "logging.interval=4", "checkpoint.interval=3")
+    records = metrics(tmp_path)
+    assert [r["iteration"] for r in records] == [3, 4, 6]
+    assert sum(r["tokens"] for r in records) == 6 * 8 * 128
+
+
 def test_torchrun_with_one_process_matches_plain_python(single, tmp_path, data_cache):
     """One GPU is ``torchrun --nproc-per-node=1``: the worker must join torchrun's store
     (a replaced MASTER_PORT once left it waiting for a server that never came)."""

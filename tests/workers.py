@@ -174,3 +174,28 @@ def built_layers(rank, world_size, port, layout_kwargs, model_kwargs):
             attn = layer.self_attention
             rows.append((vp, layer.layer_number, attn.core_attention.window, attn.rotary is not None))
     return {"pp_rank": pp_rank, "layers": rows}
+
+
+def save_failing_on_rank0(rank, world_size, port, directory):
+    """Two ranks save a checkpoint whose manifest cannot be written on rank 0 (a disk that
+    filled after the shards): every rank must get the same one-line error, none may hang."""
+    import errno
+
+    from rnope_megatron.checkpoint import layout
+
+    init_megatron(rank, world_size, port, ParallelLayout())
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    tensor = torch.arange(8.0) + rank
+    state = {"w": ShardedTensor.from_rank_offsets("w", tensor, (0, rank, world_size), replica_id=0)}
+    layout.save_state(state, directory, 1, keep=2)  # a first, good checkpoint
+
+    def full_disk(path, iteration):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path / layout.MANIFEST))
+
+    layout._write_manifest = full_disk
+    try:
+        layout.save_state(state, directory, 2, keep=2)
+    except layout.CheckpointError as err:
+        return str(err)
+    return None

@@ -103,7 +103,8 @@ class HaloExchange(torch.autograd.Function):
         ctx.local_shape = local.shape
         pieces: dict[int, torch.Tensor] = {}
         ops = []
-        for index, (source, dest, r0, r1) in enumerate(_transfers(zz, window)):
+        transfers = _transfers(zz, window)
+        for index, (source, dest, r0, r1) in enumerate(transfers):
             src_rank, dst_rank = zz.owner(source), zz.owner(dest)
             if src_rank == zz.rank and dst_rank == zz.rank:
                 pieces[index] = _chunk_rows(local, zz, source)[r0:r1]
@@ -117,7 +118,7 @@ class HaloExchange(torch.autograd.Function):
         _run(ops)
         halos = []
         for dest in zz.local_chunks:
-            parts = [pieces[i] for i, t in enumerate(_transfers(zz, window)) if t[1] == dest]
+            parts = [pieces[i] for i, t in enumerate(transfers) if t[1] == dest]
             halos.append(torch.cat(parts) if parts else local.new_empty((0, *local.shape[1:])))
         return tuple(halos)
 
@@ -179,6 +180,25 @@ class GatherSequence(torch.autograd.Function):
         return mine, None, None
 
 
+def context_parallel_group(pg_collection=None):
+    """The CP group of Megatron's process-group collection, or Megatron's global one."""
+    cp = getattr(pg_collection, "cp", None)
+    if cp is None:
+        from megatron.core import parallel_state
+
+        cp = parallel_state.get_context_parallel_group()
+    return cp
+
+
+def with_halos(key, value, window: int, group) -> tuple[ZigZag, list[torch.Tensor]]:
+    """This rank's two chunks of K and V (concatenated on the last dim, one exchange for
+    both), each prefixed with its halo: [h + c, b, hkv, 2d] per chunk."""
+    zz = zigzag_of(group, key.shape[0])
+    kv = torch.cat([key, value], dim=-1)
+    halos = HaloExchange.apply(kv, zz, window, group)
+    return zz, [torch.cat([halo, kv[slot * zz.chunk:(slot + 1) * zz.chunk]]) for slot, halo in enumerate(halos)]
+
+
 def _bhsd(x: torch.Tensor) -> torch.Tensor:
     """[s, b, h, d] -> [b, h, s, d] (the kernels' layout)."""
     return x.permute(1, 2, 0, 3)
@@ -189,15 +209,14 @@ def context_parallel_attention(query, key, value, window: int | None, scale: flo
     (RoPE already applied with global positions) -> [2c, b, hq, d]."""
     from rnope_megatron.attention.sliding_window import causal_attention, sliding_window_attention
 
-    zz = zigzag_of(group, query.shape[0])
-    c, dim = zz.chunk, key.shape[-1]
-    kv = torch.cat([key, value], dim=-1)  # one exchange for both
+    dim = key.shape[-1]
     if window is not None:
-        halos = HaloExchange.apply(kv, zz, window, group)
-        extended = [torch.cat([halo, kv[slot * c:(slot + 1) * c]]) for slot, halo in enumerate(halos)]
+        zz, extended = with_halos(key, value, window, group)
     else:
-        full = GatherSequence.apply(kv, zz, group)
-        extended = [full[:(chunk + 1) * c] for chunk in zz.local_chunks]
+        zz = zigzag_of(group, query.shape[0])
+        full = GatherSequence.apply(torch.cat([key, value], dim=-1), zz, group)
+        extended = [full[:(chunk + 1) * zz.chunk] for chunk in zz.local_chunks]
+    c = zz.chunk
     outputs = []
     for slot, keys in enumerate(extended):
         q = _bhsd(query[slot * c:(slot + 1) * c])

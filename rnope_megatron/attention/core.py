@@ -48,10 +48,9 @@ class PortableDotProductAttention(MegatronModule):
         # (rnope_megatron.attention.context_parallel).
         self.cp_group = None
         if config.context_parallel_size > 1:
-            from megatron.core import parallel_state
+            from rnope_megatron.attention.context_parallel import context_parallel_group
 
-            cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-            self.cp_group = cp if cp is not None else parallel_state.get_context_parallel_group()
+            self.cp_group = context_parallel_group(pg_collection)
 
     def forward(
         self, query, key, value, attention_mask=None, attn_mask_type=None,

@@ -31,7 +31,10 @@ def _te_available() -> bool:
 
 class _NeedsTransformerEngine(MegatronModule):
     def __init__(self, *args, **kwargs):
-        raise RuntimeError("the te backend's halo attention needs Transformer Engine: pip install 'rnope-megatron[te]'")
+        from rnope_megatron.errors import MissingDependency
+
+        raise MissingDependency("the te backend's halo attention needs Transformer Engine: "
+                                "pip install 'rnope-megatron[te]'")
 
 
 class HaloTEDotProductAttention(te_ext.TEDotProductAttention if _te_available() else _NeedsTransformerEngine):
@@ -39,29 +42,25 @@ class HaloTEDotProductAttention(te_ext.TEDotProductAttention if _te_available() 
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type="self", attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None, **kwargs):
-        from megatron.core import parallel_state
+        from rnope_megatron.attention.context_parallel import context_parallel_group
 
         local = copy.copy(config)  # TE attention per chunk, without TE's own CP
         local.context_parallel_size = 1
         super().__init__(local, layer_number, attn_mask_type, attention_type, attention_dropout, softmax_scale,
                          cp_comm_type=None, pg_collection=pg_collection, **kwargs)
-        cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-        self.halo_group = cp if cp is not None else parallel_state.get_context_parallel_group()
+        self.halo_group = context_parallel_group(pg_collection)
         self.window = config.window_size[0] + 1  # TE's inclusive (W-1, 0) back to HF's W
 
     def forward(self, query, key, value, attention_mask, attn_mask_type, attention_bias=None,
                 packed_seq_params=None, num_splits=None):
-        from rnope_megatron.attention.context_parallel import HaloExchange, zigzag_of
+        from rnope_megatron.attention.context_parallel import with_halos
 
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("halo attention: no packed sequences / attention bias")
-        zz = zigzag_of(self.halo_group, query.shape[0])
+        zz, extended = with_halos(key, value, self.window, self.halo_group)
         c, dim = zz.chunk, key.shape[-1]
-        kv = torch.cat([key, value], dim=-1)
-        halos = HaloExchange.apply(kv, zz, self.window, self.halo_group)
         outputs = []
-        for slot, halo in enumerate(halos):
-            keys = torch.cat([halo, kv[slot * c:(slot + 1) * c]])
+        for slot, keys in enumerate(extended):
             outputs.append(super().forward(query[slot * c:(slot + 1) * c], keys[..., :dim].contiguous(),
                                            keys[..., dim:].contiguous(), None, AttnMaskType.causal_bottom_right,
                                            num_splits=num_splits))

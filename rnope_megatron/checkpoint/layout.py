@@ -249,9 +249,10 @@ def _replace_marker(directory: pathlib.Path, name: str) -> None:
 
 
 def save_state(state: dict, directory, iteration: int, keep: int) -> pathlib.Path:
-    """Write a sharded state dict as ``iter_N`` (atomically, see module docstring); the
-    newest ``keep`` complete checkpoints are kept. On failure the partial ``iter_N.tmp``
-    is removed and a one-line :class:`CheckpointError` says why and what is left."""
+    """Write a sharded state dict as ``iter_N`` (atomically, see module docstring) and
+    keep it and the ``keep - 1`` complete checkpoints before it. On failure the partial
+    ``iter_N.tmp`` is removed and every rank raises the same one-line
+    :class:`CheckpointError` saying why and what is left."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
@@ -268,34 +269,51 @@ def save_state(state: dict, directory, iteration: int, keep: int) -> pathlib.Pat
         tmp.mkdir()
     dist.barrier()
     writer_queue.install()  # no multiprocessing Manager behind the writer (see writer_queue)
-    try:
+    try:  # collective: a failure on any rank reaches every rank through Megatron
         dist_checkpointing.save(state, str(tmp), sharded_strategy=get_default_save_sharded_strategy("torch_dist"))
-        dist.barrier()
-        faults.point("mid_save", iteration)
-        if rank0:
-            _write_manifest(tmp, iteration)
     except FAILURES as err:
         free = _free_bytes(tmp)
+        dist.barrier()
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise _save_failure(err, tmp, directory, free) from None
-    if rank0:
-        try:
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            _replace_marker(directory, final.name)
-            _prune(directory, keep)
-        except OSError as err:  # e.g. the marker's few bytes on a disk that just filled
-            raise _save_failure(err, final, directory, _free_bytes(directory), removed=False) from None
     dist.barrier()
+    faults.point("mid_save", iteration)
+    error = _finish_on_rank0(tmp, final, directory, iteration, keep) if rank0 else None
+    shared = [error]
+    dist.broadcast_object_list(shared, src=0)  # rank 0's outcome, so no rank waits for a failed one
+    if shared[0] is not None:
+        raise CheckpointError(shared[0])
     faults.point("after_save", iteration)
     return final
 
 
-def _prune(directory: pathlib.Path, keep: int) -> None:
-    done = complete_checkpoints(directory)
-    for old in done[:-keep]:
+def _finish_on_rank0(tmp: pathlib.Path, final: pathlib.Path, directory: pathlib.Path, iteration: int,
+                     keep: int) -> str | None:
+    """Manifest, rename, marker, pruning; the one-line error, or None."""
+    try:
+        _write_manifest(tmp, iteration)
+    except OSError as err:  # a disk that filled while the last shard landed
+        free = _free_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return str(_save_failure(err, tmp, directory, free))
+    try:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _replace_marker(directory, final.name)
+        _prune(directory, keep, iteration)
+    except OSError as err:  # e.g. the marker's few bytes on a disk that just filled
+        return str(_save_failure(err, final, directory, _free_bytes(directory), removed=False))
+    return None
+
+
+def _prune(directory: pathlib.Path, keep: int, current: int) -> None:
+    """Keep the checkpoint just written and the ``keep - 1`` complete ones before it.
+    Checkpoints numbered above it (a run rolled back by pointing ``latest`` at an older
+    one) are left alone: they are another history, not older saves of this one."""
+    earlier = [p for p in complete_checkpoints(directory) if _iteration_of(p) < current]
+    for old in earlier[:len(earlier) - (keep - 1)] if keep > 1 else earlier:
         shutil.rmtree(old, ignore_errors=True)
     for stale in directory.glob("iter_*.tmp"):  # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)

@@ -125,13 +125,14 @@ class HFAdapter:
         thetas = {cfg.rope_theta_for(pattern.kind(n)) for n in range(1, cfg.num_layers + 1)} - {None}
         if len(thetas) > 1:
             raise ValueError(f"{self.model_type} has one RoPE theta; this model uses {sorted(thetas)}")
+        theta = thetas.pop() if thetas else cfg.rope_theta  # the base of the layers that rotate
         common = dict(
             num_hidden_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
             num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.query_groups,
             intermediate_size=cfg.ffn_size, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
             max_position_embeddings=cfg.max_seq_length, tie_word_embeddings=cfg.tie_embeddings,
             layer_types=pattern.hf_layer_types(), sliding_window=cfg.window,
-            rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"},
+            rope_parameters={"rope_theta": theta, "rope_type": "default"},
             hidden_act="silu", attention_bias=False, attention_dropout=0.0,
             model_type=self.model_type, architectures=[self.architecture],
         )

@@ -19,7 +19,7 @@ from rnope_megatron.config import DTYPES, RNoPEConfig
 from rnope_megatron.convert.targets import adapter_named, adapter_of
 from rnope_megatron.convert.hf_dir import HFWeights, Progress, ShardedWriter, read_config, require_hf_extra
 from rnope_megatron.convert.output import staged_output
-from rnope_megatron.convert.streaming import convert, layer_groups, unused_hf_tensors
+from rnope_megatron.convert.streaming import convert, layer_groups, refuse_unused_hf_tensors
 
 EXPORT_DTYPES = ("bf16", "fp32")
 
@@ -92,9 +92,7 @@ def from_hf(hf_dir: str, out: str, force: bool = False) -> dict:
     adapter = adapter_of(hf)
     cfg = adapter.from_hf(hf)
     weights = HFWeights(hf_path)
-    extra = unused_hf_tensors(adapter, cfg, weights.names())
-    if extra:
-        raise ValueError(f"cannot represent Hugging Face tensor {extra[0]} (e.g. a bias) in an rnope_megatron model")
+    refuse_unused_hf_tensors(adapter, cfg, weights.names())
     final_dir = pathlib.Path(out).resolve()
     with staged_output(out, [hf_path], force, {"command": "from-hf", "source": str(hf_path.resolve())}) as stage:
         state: dict = {}

@@ -1,8 +1,9 @@
 """A converter's output directory, written so that nothing is ever lost.
 
 * The output is built in a temporary directory beside it and moved into place only when
-  complete: a failure or a kill leaves the previous output (if any) untouched, and the
-  temporary directory is removed on failure.
+  complete: a failure leaves the previous output (if any) in place and removes the
+  temporary directory; a kill leaves the previous output in place too, except in the
+  instant between its two final renames (then it is ``.OUT.replaced-PID`` beside it).
 * An output that equals, contains or lies inside an input is refused: replacing it would
   destroy the data being converted.
 * ``--force`` replaces only a previous output of rnope-convert (recognised by the
@@ -60,14 +61,16 @@ def staged_output(out_dir, inputs, force: bool, provenance: dict):
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
     try:
         yield stage
         (stage / MARKER).write_text(json.dumps(provenance, indent=1) + "\n")
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
         if out.exists():
             out.rename(old)  # a previous rnope-convert output (checked above) or an empty dir
         stage.rename(out)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        if old.exists() and not out.exists():  # put the previous output back
+            old.rename(out)
         raise

@@ -43,7 +43,7 @@ class SmolLM3(HFAdapter):
         pattern = cfg.layer_pattern
         return dict(rms_norm_eps=cfg.norm_eps, use_sliding_window=pattern.has_sliding,
                     no_rope_layers=[int(pattern.kind(n).rope) for n in range(1, cfg.num_layers + 1)],
-                    pad_token_id=min(cfg.vocab_size - 1, 0))
+                    pad_token_id=0)  # transformers refuses to build SmolLM3 without a pad id < vocab
 
     def block_mappings(self):
         # The sequential block's second norm (before the MLP).

@@ -70,11 +70,16 @@ def unused_hf_tensors(adapter: HFAdapter, cfg: RNoPEConfig, hf_names) -> list[st
     return sorted(set(hf_names) - used)
 
 
-def hf_to_megatron(adapter: HFAdapter, cfg: RNoPEConfig, hf_state: dict) -> dict:
-    """Megatron (TP=PP=1) state dict from Hugging Face tensors; refuses leftovers."""
-    extra = unused_hf_tensors(adapter, cfg, hf_state)
+def refuse_unused_hf_tensors(adapter: HFAdapter, cfg: RNoPEConfig, hf_names) -> None:
+    """Converting must not silently drop a tensor (a bias, a QK-norm weight, ...)."""
+    extra = unused_hf_tensors(adapter, cfg, hf_names)
     if extra:
         raise ValueError(f"cannot represent Hugging Face tensor {extra[0]} (e.g. a bias) in an rnope_megatron model")
+
+
+def hf_to_megatron(adapter: HFAdapter, cfg: RNoPEConfig, hf_state: dict) -> dict:
+    """Megatron (TP=PP=1) state dict from Hugging Face tensors; refuses leftovers."""
+    refuse_unused_hf_tensors(adapter, cfg, hf_state)
     out: dict = {}
     for group in convert(adapter, cfg, _dict_reader(hf_state, f"Hugging Face {adapter.model_type} checkpoint"),
                          "to_megatron"):

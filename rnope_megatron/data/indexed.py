@@ -27,18 +27,21 @@ def write_indexed(prefix: str | pathlib.Path, documents: Iterable, vocab_size: i
     dtype = token_dtype(vocab_size)
     tmp_bin, tmp_idx = pathlib.Path(prefix + ".bin.tmp"), pathlib.Path(prefix + ".idx.tmp")
     tokens = 0
+    builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
     try:
-        builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
         for doc in documents:
             array = numpy.asarray(doc, dtype=dtype)  # no copy when it already has the dtype
             builder.add_document(array, [array.size])
             tokens += array.size
-        builder.finalize(str(tmp_idx))
+        builder.finalize(str(tmp_idx))  # closes the .bin
     except BaseException:
+        builder.data_file.close()
         tmp_bin.unlink(missing_ok=True)
         tmp_idx.unlink(missing_ok=True)
         raise
-    # rename last: a crash mid-write never leaves a readable half dataset
+    # The index goes last and an old index first: a crash between the renames leaves no
+    # pair of a new .bin with an old .idx (which would read as a silently wrong dataset).
+    pathlib.Path(prefix + ".idx").unlink(missing_ok=True)
     tmp_bin.replace(prefix + ".bin")
     tmp_idx.replace(prefix + ".idx")
     return tokens

@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,7 @@ from rnope_megatron.checkpoint.training_state import load_training_state, save_t
 from rnope_megatron.distributed import compute_device, initialize_parallel
 from rnope_megatron.flops import training_flops_per_token
 from rnope_megatron.train.run_lock import RunDirectoryBusy, RunDirectoryLock
-from rnope_megatron.train.validation import data_parallel_size, validate
+from rnope_megatron.train.validation import data_parallel_size
 
 
 class StopRequest:
@@ -101,13 +102,17 @@ def train(engine, dataset, logger, stop: StopRequest, start_iteration: int) -> t
                     f"rnope-train: non-finite loss {result.loss} / grad norm {result.grad_norm} at iteration "
                     f"{iteration} (train.max_nan_skips={t.max_nan_skips} exhausted); last checkpoint: "
                     f"{latest_checkpoint(recipe.checkpoint_dir)}")
-        if iteration % recipe.logging.interval == 0 or iteration == t.iters or result.skipped:
+        logged = iteration % recipe.logging.interval == 0 or iteration == t.iters or result.skipped
+        if logged:
             logger.log(iteration, result.loss, result.lr, result.grad_norm, result.skipped)
         faults.point("after_step", iteration)
         stopping = stop.any_rank() or iteration == t.stop_at
         if iteration % recipe.checkpoint.interval == 0 or iteration == t.iters or stopping:
+            if not logged:  # a record at every checkpoint: a resume never skips unlogged tokens
+                logger.log(iteration, result.loss, result.lr, result.grad_norm, result.skipped)
+            started = time.time()
             path = save_training_state(engine, recipe.checkpoint_dir, iteration, recipe.checkpoint.keep)
-            logger.restart_window()  # keep the save's time out of tokens/s
+            logger.exclude_time(time.time() - started)  # keep the save's time out of tokens/s
             if rank0:
                 print(f"saved checkpoint {path}", flush=True)
         if stopping:
@@ -124,13 +129,14 @@ def _write_exit_status(run_dir: pathlib.Path, summary: dict) -> None:
 
 
 def run(recipe) -> dict:
-    """Train ``recipe`` on this rank (process groups are created here). Returns a summary."""
+    """Train ``recipe`` on this rank (process groups are created here). Returns a summary.
+    The recipe comes validated, with this run's world size (``rnope-train`` does it:
+    :func:`rnope_megatron.train.validation.validate`)."""
     from rnope_megatron.data.dataset import build_dataset
     from rnope_megatron.train.engine import Engine
     from rnope_megatron.train.metrics import MetricsLogger
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    validate(recipe, world_size)  # before any process group exists
     dp = data_parallel_size(recipe, world_size)
     stop = StopRequest()
     _pin_threads(recipe.train.cpu_threads)

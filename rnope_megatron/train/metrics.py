@@ -78,8 +78,9 @@ class MetricsLogger:
     def describe_tensorboard(self) -> str:
         return self.writer.log_dir if self.writer else self.tensorboard_state
 
-    def restart_window(self) -> None:
-        self.window_start, self.window_tokens = time.time(), 0
+    def exclude_time(self, seconds: float) -> None:
+        """Leave ``seconds`` (a checkpoint save) out of the current window's tokens/s."""
+        self.window_start += seconds
 
     def add_tokens(self, tokens: int) -> None:
         self.window_tokens += tokens

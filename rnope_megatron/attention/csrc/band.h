@@ -164,6 +164,7 @@ void band_transposed_accumulate(const Band& band, const T* probs, int64_t ld, co
   }
 }
 
+// Asks for the rows `row` of the given [L, D] tensors (one offset, already in elements)
 // ahead of use. Called once per row of the current block's softmax loop for the same row
 // of the next block, so the next block's first touches are in flight while this block
 // computes, a few cache lines at a time. Why: each block starts on rows nobody read yet

@@ -206,7 +206,7 @@ void check_sizes(const Lengths& len, int64_t window, double scale, int64_t block
   TORCH_CHECK(window >= 1 && block_q >= 1, "sliding_window_cpu: window and block_q must be >= 1");
   TORCH_CHECK(scale > 0, "sliding_window_cpu: softmax scale must be positive, got ", scale);
   // Keys more than W-1 before the first query are seen by none: pass only the halo.
-  TORCH_CHECK(len.q_offset < window || len.q_offset == 0, "sliding_window_cpu: ", len.q_offset,
+  TORCH_CHECK(len.q_offset < window, "sliding_window_cpu: ", len.q_offset,
               " keys precede the queries but the window sees only ", window - 1, " of them");
 }
 
