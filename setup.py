@@ -24,7 +24,8 @@ setup(
     ],
     extras_require={
         # GPU clusters: Megatron's TE wrappers (fused attention, sliding windows, FP8).
-        "te": ["transformer-engine[pytorch]>=2.0"],
+        # 2.3: the first TE whose fused RoPE takes interleaved pairs (Cohere2's layout).
+        "te": ["transformer-engine[pytorch]>=2.3"],
         # Hugging Face conversion (rnope-convert) and its parity tests.
         "hf": ["transformers>=5.0", "safetensors"],
         "modelopt": ["nvidia-modelopt"],

@@ -64,7 +64,28 @@ def build_model(
         gpt_logger.setLevel(previous)
     if post_process and model.logit_scale != 1.0:
         gpt.decoder.final_layernorm.register_forward_hook(_scale_logits_hook(model.logit_scale))
+    if backend == "te" and model.normalization == "LayerNorm":
+        freeze_norm_biases(gpt)
     return gpt
+
+
+def freeze_norm_biases(model) -> list[str]:
+    """Zero and freeze every LayerNorm bias (TE's LayerNorm always has one; the model, like
+    Cohere2 and the portable norm, has none): te and portable then compute the same
+    function, nothing is trained that an export would drop, and checkpoints move between
+    the backends. Returns the names frozen."""
+    import torch
+
+    from rnope_megatron.norms import is_norm_bias
+
+    frozen = []
+    for name, param in model.named_parameters():
+        if is_norm_bias(name):
+            with torch.no_grad():
+                param.zero_()
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 def build_single_rank_model(model: RNoPEConfig, meta: bool = False):

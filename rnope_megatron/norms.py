@@ -6,8 +6,20 @@ weight with ``sequence_parallel`` so Megatron all-reduces its gradient across TP
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
+
+# A LayerNorm bias in Megatron's names: TE's fused norm-linear (``layer_norm_bias``), a
+# separate norm (``input_layernorm.bias``, ``final_layernorm.bias``).
+_NORM_BIAS = re.compile(r"(layer_norm_bias|layernorm\.bias)$")
+
+
+def is_norm_bias(name: str) -> bool:
+    """Whether a parameter/state-dict name is a LayerNorm's bias. The model has none (the
+    portable norm, Cohere2); TE's LayerNorm always has one, kept at zero and frozen."""
+    return _NORM_BIAS.search(name) is not None
 
 
 class PortableNorm(nn.Module):

@@ -242,7 +242,7 @@ def test_cuda_fusions_without_te_build_a_valid_transformer_config():
     absent: TransformerConfig raises for apply_rope_fusion without it, which would stop every
     portable-backend GPU run on a machine without TE."""
     from rnope_megatron.config import RNoPEConfig
-    from rnope_megatron.train.engine import fusion_overrides, te_rope_fusion_available
+    from rnope_megatron.fusions import fusion_overrides, te_rope_fusion_available
 
     if te_rope_fusion_available():
         pytest.skip("TE is installed: the fused RoPE is available")
@@ -255,4 +255,3 @@ def test_cuda_fusions_without_te_build_a_valid_transformer_config():
     with pytest.raises(ValueError, match="apply_rope_fusion"):  # what the old flags did
         config.to_transformer_config(apply_rope_fusion=True)
     assert fusion_overrides(False, "te") == {}
-    assert fusion_overrides(True, "te")["gradient_accumulation_fusion"] is True

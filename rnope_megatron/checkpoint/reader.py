@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from rnope_megatron.checkpoint.layout import FAILURES, CheckpointError, resolve, unreadable
+from rnope_megatron.checkpoint.model_state import keep_what_the_checkpoint_holds, load_into
 from rnope_megatron.config import RNoPEConfig
 
 
@@ -76,9 +77,10 @@ def load_model(path, cfg: RNoPEConfig | None = None):
     path = resolve(path)
     cfg = cfg or RNoPEConfig.from_dict(saved_recipe(path)["model"])
     model = build_single_rank_model(cfg)
+    request = keep_what_the_checkpoint_holds(model.sharded_state_dict(), path)
     try:
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+        loaded = dist_checkpointing.load({"model": request}, str(path))
     except FAILURES as err:
         raise unreadable(path, err) from None
-    model.load_state_dict(loaded["model"])
+    load_into(model, loaded["model"])
     return cfg, model.eval()

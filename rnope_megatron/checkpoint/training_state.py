@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from rnope_megatron.checkpoint.layout import FAILURES, CheckpointError, common_state, save_state, unreadable
+from rnope_megatron.checkpoint.model_state import keep_what_the_checkpoint_holds, load_into
 
 # Model fields that may differ between a checkpoint and the run that loads it: the
 # sequence length (a long-context stage, no RoPE rescaling), and settings that change
@@ -73,6 +74,18 @@ def _optimizer_metadata(optimizer_format: str) -> dict:
     distributed optimizer picks its deprecated ``fully_sharded_model_space`` format, which
     megatron-core 0.19 cannot save ("ShardedTensor.flattened_range is not supported")."""
     return {"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True}
+
+
+# Two optimizer checkpoint paths, by what Megatron's optimizer runs on:
+# * TE's or Apex's FusedAdam (the GPU clusters' case: TE installed): Megatron's own save and
+#   load, untouched; fully_reshardable loads.
+# * torch's Adam (no TE/Apex: CPU, plain GPU installs) under the distributed optimizer:
+#   megatron-core 0.19's save/load paths assume FusedAdam's state layout, so the two fixes
+#   below (a step before the first load, the step restored after it) apply, and
+#   fully_reshardable is refused at start (train/engine.py).
+def uses_torch_adam_fixes(optimizer) -> bool:
+    """Whether this optimizer's checkpoints take the torch-Adam path (see above)."""
+    return any(True for _ in _torch_adams_under_distributed_optimizers(optimizer))
 
 
 def _torch_adams_under_distributed_optimizers(optimizer):
@@ -216,6 +229,9 @@ def load_training_state(engine, path, weights_only: bool = False) -> dict:
         _give_fresh_torch_adam_a_step(engine.optimizer)
     state = _sharded_state(engine, is_loading=True, with_optimizer=not weights_only, rng=None,
                            with_rng=same_layout, optimizer_format=optimizer_format)
+    keys = chunk_keys(len(engine.model))
+    for key in keys:  # a checkpoint of the other attention backend: see model_state
+        state[key] = keep_what_the_checkpoint_holds(state[key], path)
     if not weights_only:
         state["scheduler"] = None
         state["train_state"] = None
@@ -223,8 +239,8 @@ def load_training_state(engine, path, weights_only: bool = False) -> dict:
         loaded = dist_checkpointing.load(state, str(path))
     except FAILURES as err:  # a damaged shard: name it, list what else is there
         raise unreadable(path, err) from None
-    for key, chunk in zip(chunk_keys(len(engine.model)), engine.model):
-        chunk.module.load_state_dict(loaded[key])
+    for key, chunk in zip(keys, engine.model):
+        load_into(chunk.module, loaded[key])
     if weights_only:
         # bf16/fp16 and the distributed optimizer keep fp32 main copies taken at
         # construction; refresh them or the first step writes the old weights back.

@@ -18,26 +18,9 @@ import torch.distributed as dist
 
 from rnope_megatron.data.dataset import batch_for
 from rnope_megatron.distributed import compute_device
+from rnope_megatron.fusions import fusion_overrides
 from rnope_megatron.layout_invariant_init import fill_from_global, seeded_full_tensor
 from rnope_megatron.model import build_model
-
-
-def te_rope_fusion_available() -> bool:
-    """Whether Megatron found TE's fused RoPE kernel (it has no other)."""
-    from megatron.core.models.common.embeddings import rope_utils
-
-    return rope_utils.fused_apply_rotary_pos_emb is not None
-
-
-def fusion_overrides(fusions: bool, backend: str) -> dict:
-    """TransformerConfig flags for Megatron's CUDA fusions. RoPE fusion and the
-    weight-gradient (gradient-accumulation) fusion are TE kernels: TransformerConfig
-    rejects the first without TE, so a portable-backend GPU run without TE keeps the
-    torch RoPE and still gets the torch-compiled SwiGLU and bias-dropout-add fusions."""
-    if not fusions:
-        return {}
-    return dict(apply_rope_fusion=te_rope_fusion_available(), bias_activation_fusion=True,
-                bias_dropout_fusion=True, gradient_accumulation_fusion=backend == "te")
 
 
 def _check_optimizer_format(distributed_optimizer: bool, optimizer_format: str) -> None:
@@ -94,7 +77,8 @@ class Engine:
             # overlap. Batched p2p posts sends to prev and next in one batch; with PP=2
             # both are the same peer, and gloo (CPU) then matches them out of order.
             overrides.update(overlap_p2p_comm=True, batch_p2p_comm=False)
-        overrides.update(fusion_overrides(torch.cuda.is_available() if t.fusions is None else t.fusions, t.backend))
+        overrides.update(fusion_overrides(torch.cuda.is_available() if t.fusions is None else t.fusions, t.backend,
+                                          self.recipe.model.rotary_interleaved))
         if t.recompute:
             overrides["recompute_granularity"] = t.recompute
             if t.recompute == "full":
