@@ -31,14 +31,18 @@ def _checkpoint_key(item) -> str | None:
     return None
 
 
-def keep_what_the_checkpoint_holds(model_request: dict, path: pathlib.Path) -> dict:
-    """``model_request`` (a chunk's flat sharded state dict) without the one-backend-only
-    entries the checkpoint at ``path`` does not hold."""
+def keep_what_the_checkpoint_holds(requests: list[dict], path: pathlib.Path) -> list[dict]:
+    """The model chunks' flat sharded state dicts without the one-backend-only entries the
+    checkpoint at ``path`` does not hold (its metadata is read once for all chunks)."""
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
     held = set(load_sharded_metadata(str(path)).keys())
-    return {name: item for name, item in model_request.items()
-            if not (one_backend_only(name) and _checkpoint_key(item) not in (None, *held))}
+
+    def missing(name, item) -> bool:
+        key = _checkpoint_key(item)
+        return one_backend_only(name) and key is not None and key not in held
+
+    return [{name: item for name, item in request.items() if not missing(name, item)} for request in requests]
 
 
 def load_into(module, loaded: dict) -> None:

@@ -77,7 +77,7 @@ def load_model(path, cfg: RNoPEConfig | None = None):
     path = resolve(path)
     cfg = cfg or RNoPEConfig.from_dict(saved_recipe(path)["model"])
     model = build_single_rank_model(cfg)
-    request = keep_what_the_checkpoint_holds(model.sharded_state_dict(), path)
+    (request,) = keep_what_the_checkpoint_holds([model.sharded_state_dict()], path)
     try:
         loaded = dist_checkpointing.load({"model": request}, str(path))
     except FAILURES as err:

@@ -230,8 +230,9 @@ def load_training_state(engine, path, weights_only: bool = False) -> dict:
     state = _sharded_state(engine, is_loading=True, with_optimizer=not weights_only, rng=None,
                            with_rng=same_layout, optimizer_format=optimizer_format)
     keys = chunk_keys(len(engine.model))
-    for key in keys:  # a checkpoint of the other attention backend: see model_state
-        state[key] = keep_what_the_checkpoint_holds(state[key], path)
+    # a checkpoint of the other attention backend: see model_state
+    for key, request in zip(keys, keep_what_the_checkpoint_holds([state[k] for k in keys], path)):
+        state[key] = request
     if not weights_only:
         state["scheduler"] = None
         state["train_state"] = None
