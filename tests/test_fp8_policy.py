@@ -304,3 +304,13 @@ def test_fp8_without_a_gpu_asks_for_one():
     assert_one_line_error(launch, "rnope-train", "train.fp8: the GPU is unknown (no CUDA device here)")
     plain = rnope_train("--check", RECIPE)  # no FP8: no GPU needed
     assert plain.returncode == 0 and "G layers (4,8): portable, no RoPE, fp32 attention" in plain.stdout
+
+
+@pytest.mark.parametrize("name", ["h100-8b-pretrain.yaml", "h100-8b-longctx-128k.yaml"])
+@pytest.mark.parametrize("gpu", ["h100", "h200", "b200"])
+def test_cluster_recipes_use_fp8_linears_and_bf16_attention_on_sliding_layers(name, gpu):
+    recipe = load_recipe(ROOT / "recipes" / "clusters" / name)
+    plan = plan_precision(recipe, on(gpu))
+    assert all(layer.fp8_linears for layer in plan.layers)
+    assert all(layer.fp8_attention is (layer.letter == "G") for layer in plan.layers)
+    assert plan.bf16_attention_layers() == {layer.number for layer in plan.layers if layer.letter == "S"}
