@@ -30,6 +30,7 @@ def build_model(
     post_process: bool = True,
     vp_stage: int | None = None,
     pg_collection=None,
+    bf16_attention_layers: frozenset[int] = frozenset(),
 ):
     """Build this rank's Megatron model chunk for ``model`` (see RNoPEConfig).
 
@@ -39,6 +40,8 @@ def build_model(
         pre_process / post_process: whether this chunk holds the embedding / the output
             layer (first / last pipeline stage).
         vp_stage: virtual pipeline stage of this chunk (interleaved schedule).
+        bf16_attention_layers: layers (global 1-based) that keep bf16 attention while the
+            FP8 recipe runs FP8 attention elsewhere (``PrecisionPlan.bf16_attention_layers``).
     """
     from megatron.core.models.gpt import GPTModel
 
@@ -49,7 +52,8 @@ def build_model(
     try:
         gpt = GPTModel(
             config=config,
-            transformer_layer_spec=block_spec(model, config, backend, vp_stage=vp_stage),
+            transformer_layer_spec=block_spec(model, config, backend, vp_stage=vp_stage,
+                                              bf16_attention_layers=bf16_attention_layers),
             vocab_size=model.vocab_size,
             max_sequence_length=model.max_seq_length,
             pre_process=pre_process,

@@ -18,6 +18,10 @@ Context parallelism: the portable core attention exchanges halos (S) or gathers 
 (global) itself. On ``te``, sliding layers whose ``cp_comm_type`` is ``halo`` (the
 default) get :class:`~rnope_megatron.attention.te_halo.HaloTEDotProductAttention` (our
 halo exchange around TE's fused attention); every other layer keeps TE's own CP.
+
+FP8 (``train.fp8``): the TransformerConfig carries Megatron's FP8 fields; layers whose
+attention must stay bf16 while others run FP8 attention get the ``te_precision`` classes
+(see :mod:`rnope_megatron.precision`).
 """
 
 from __future__ import annotations
@@ -77,9 +81,12 @@ def _modules(backend: str) -> dict:
     raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def layer_spec(model: RNoPEConfig, kind: LayerKind, backend: str = "portable", cp_halo: bool = False) -> ModuleSpec:
+def layer_spec(model: RNoPEConfig, kind: LayerKind, backend: str = "portable", cp_halo: bool = False,
+               bf16_attention: bool = False) -> ModuleSpec:
     """Spec of one transformer layer of the given kind (``cp_halo``: a sliding layer
-    under context parallelism that exchanges halos; only changes the ``te`` spec)."""
+    under context parallelism that exchanges halos; ``bf16_attention``: the layer keeps
+    bf16 attention although the FP8 recipe asks for FP8 attention. Both change only the
+    ``te`` spec)."""
     m = _modules(backend)
     parallel_block = model.block == "parallel"
     # TE fuses a norm into the following linear; only the sequential block may use it, as
@@ -89,10 +96,8 @@ def layer_spec(model: RNoPEConfig, kind: LayerKind, backend: str = "portable", c
     core_attention = m["core_attention"]
     if backend == "portable":  # ours takes the window from the pattern; TE's reads config.window_size
         core_attention = ModuleSpec(module=core_attention, params={"window": model.layer_pattern.window_of(kind)})
-    elif cp_halo and kind.sliding:
-        from rnope_megatron.attention.te_halo import HaloTEDotProductAttention
-
-        core_attention = HaloTEDotProductAttention
+    else:
+        core_attention = _te_core_attention(cp_halo and kind.sliding, bf16_attention)
     attention = ModuleSpec(
         module=RNoPESelfAttention,
         params={"attn_mask_type": AttnMaskType.causal, "rope_theta": model.rope_theta_for(kind)},
@@ -124,6 +129,20 @@ def layer_spec(model: RNoPEConfig, kind: LayerKind, backend: str = "portable", c
     )
 
 
+def _te_core_attention(halo: bool, bf16_attention: bool):
+    """The te core-attention class: Megatron's, or ours around it for a halo exchange
+    (:mod:`~rnope_megatron.attention.te_halo`) and/or bf16 attention under an FP8-attention
+    recipe (:mod:`~rnope_megatron.attention.te_precision`)."""
+    if not (halo or bf16_attention):
+        return _modules("te")["core_attention"]
+    from rnope_megatron.attention import te_precision
+    from rnope_megatron.attention.te_halo import HaloTEDotProductAttention
+
+    if not bf16_attention:
+        return HaloTEDotProductAttention
+    return te_precision.BF16AttentionHaloTEDotProductAttention if halo else te_precision.BF16AttentionTEDotProductAttention
+
+
 def _unfused_norm_keys(fuse_norm: bool, parallel_block: bool) -> dict:
     """Checkpoint keys of the sequential block's separate norms, renamed to TE's fused-norm
     keys (as Megatron's local GPT spec does), so a checkpoint moves between the portable
@@ -146,15 +165,18 @@ def stage_layer_numbers(config, vp_stage: int | None = None, pp_rank: int | None
 
 def block_spec(
     model: RNoPEConfig, config, backend: str = "portable", vp_stage: int | None = None,
-    pp_rank: int | None = None,
+    pp_rank: int | None = None, bf16_attention_layers: frozenset[int] = frozenset(),
 ) -> TransformerBlockSubmodules:
     """This pipeline stage's layer specs (and the final norm, which Megatron builds only on
-    the last stage). ``config`` is the TransformerConfig from ``model``."""
+    the last stage). ``config`` is the TransformerConfig from ``model``;
+    ``bf16_attention_layers`` (global 1-based numbers) keep bf16 attention under an
+    FP8-attention recipe (:meth:`rnope_megatron.precision.PrecisionPlan.bf16_attention_layers`)."""
     pattern = model.layer_pattern
     comm = config.cp_comm_type if config.context_parallel_size > 1 else None
     halo = [isinstance(comm, list) and comm[n - 1] == "halo" for n in range(1, model.num_layers + 1)]
     specs = [
-        layer_spec(model, pattern.kind(number), backend, cp_halo=halo[number - 1])
+        layer_spec(model, pattern.kind(number), backend, cp_halo=halo[number - 1],
+                   bf16_attention=number in bf16_attention_layers)
         for number in stage_layer_numbers(config, vp_stage, pp_rank)
     ]
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=_modules(backend)["norm"])

@@ -19,6 +19,9 @@ def check_value(path: str, value: Any, annotation) -> Any:
     """Type-check one leaf against its annotation; ints are accepted for floats."""
     origin = get_origin(annotation)
     if origin is Literal:
+        # YAML 1.1 reads a bare off/on as false/true: give a choice named "off" its name back
+        if isinstance(value, bool) and {False: "off", True: "on"}[value] in get_args(annotation):
+            return {False: "off", True: "on"}[value]
         if value not in get_args(annotation):
             raise ConfigError(f"{path}: {value!r} is not one of {list(get_args(annotation))}")
         return value
@@ -27,6 +30,8 @@ def check_value(path: str, value: Any, annotation) -> Any:
             return None
         inner = [a for a in get_args(annotation) if a is not type(None)][0]
         return check_value(path, value, inner)
+    if dataclasses.is_dataclass(annotation):  # a nested section (train.fp8)
+        return build_dataclass(annotation, value, path)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, str):

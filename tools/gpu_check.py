@@ -12,10 +12,15 @@
    attention against earlier chunks (SDPA's causal_lower_right), vs a float64 reference.
    (Multi-rank CP over NCCL needs two GPUs; the TE halo wrapper needs TE.)
 6. benchmarks/attention.py on CUDA (bf16), printed as a table (--quick: one length).
+7. With ``--te`` (Transformer Engine installed): the checks of ``tools/gpu_check_te.py``
+   (te vs portable, rnope-train on te in bf16 and FP8 with a resume, the refusal of FP8
+   attention on sliding layers, TE's backend per layer).
 
 Each check runs on even if an earlier one failed; the summary table says which held.
+``--dry-run`` (any machine, no GPU): lists the checks and validates every recipe they
+would train, with the expected refusals, for the lent GPU (h200).
 
-    python tools/gpu_check.py [--quick] [--cpu-reference DIR]
+    python tools/gpu_check.py [--quick] [--te] [--cpu-reference DIR] | --dry-run
 """
 
 import argparse
@@ -35,9 +40,13 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The recipe and overrides of the CPU reference run (tools/gpu_check.sh --prepare).
 TRAIN_OVERRIDES = ["train.iters=10", "logging.interval=1", "checkpoint.interval=5", "logging.tensorboard=false"]
+# The portable trainer runs of check_trainer, for --dry-run (label, overrides, expected refusal).
+PORTABLE_RUNS = [("portable fp32 (stopped at 5, resumed)", [*TRAIN_OVERRIDES, "train.stop_at=5"], None),
+                 ("portable bf16", [*TRAIN_OVERRIDES, "train.precision=bf16"], None)]
 
 
 def check_flex(results):
+    """FlexAttention sliding window vs a float64 reference, forward and gradients."""
     from rnope_megatron.attention.sliding_window import sliding_window_attention, sliding_window_mask
 
     for seq, window, heads, groups in [(1000, 128, 8, 2), (4096, 512, 8, 8), (333, 64, 4, 1)]:
@@ -80,6 +89,7 @@ def check_offset_kernels(results):
 
 
 def check_model(results):
+    """The whole portable model on CUDA vs the same weights on CPU (fp32 logits)."""
     from rnope_megatron import ParallelLayout, RNoPEConfig, build_model
     from rnope_megatron.distributed import initialize_parallel, shutdown_parallel
     from rnope_megatron.layout_invariant_init import fill_from_global, seeded_full_tensor
@@ -102,6 +112,7 @@ def check_model(results):
 
 
 def check_compat(results):
+    """The CPU compat layer stays off when CUDA is available."""
     from rnope_megatron.compat import cpu as compat
 
     active = compat.enable()
@@ -122,6 +133,7 @@ def _train(run_dir, data_dir, *overrides):
 
 
 def check_trainer(results, reference):
+    """rnope-train on one GPU (portable): fp32 losses vs the CPU reference run, resumed at 5; bf16."""
     reference = pathlib.Path(reference)
     cpu = {m["iteration"]: m["loss"] for m in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())}
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,14 +156,31 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--cpu-reference", help="folder with a CPU run's metrics.jsonl and data/")
+    parser.add_argument("--te", action="store_true", help="also the Transformer Engine checks (needs TE)")
+    parser.add_argument("--dry-run", action="store_true", help="list the checks, validate their recipes; no GPU")
     args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "tools"))
+    import gpu_check_te
+
+    checks = [check_compat, check_flex, check_offset_kernels, check_model]
+    if args.cpu_reference or args.dry_run:
+        checks.append(functools.partial(check_trainer, reference=args.cpu_reference))
+    if args.te or args.dry_run:
+        checks += gpu_check_te.CHECKS
+    if args.dry_run:
+        print("checks:")
+        for check in checks:
+            function = getattr(check, "func", check)
+            print(f"  {function.__name__}: {(function.__doc__ or '').strip().splitlines()[0] if function.__doc__ else ''}")
+        print("  benchmarks/attention.py on CUDA (bf16)")
+        print(f"recipes (recipes/tiny-cpu.yaml + overrides), checked for {gpu_check_te.DRY_RUN_GPU}:")
+        sys.exit(0 if gpu_check_te.dry_run(PORTABLE_RUNS + gpu_check_te.RUNS) else 1)
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: this script is for a GPU machine")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
     results = []
-    checks = [check_compat, check_flex, check_offset_kernels, check_model]
-    if args.cpu_reference:
-        checks.append(functools.partial(check_trainer, reference=args.cpu_reference))
+    if not args.te:
+        print("TE checks not requested (--te)", flush=True)
     for check in checks:
         start = time.time()
         try:

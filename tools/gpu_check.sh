@@ -2,7 +2,8 @@
 # One prepared run for a lent GPU box (python3.12 + torch with CUDA, no megatron-core).
 #
 #   tools/gpu_check.sh --prepare   # here, on a CPU machine with the venv: wheels + CPU reference
-#   tools/gpu_check.sh [--quick]   # there: installs .whl/*.whl, runs tools/gpu_check.py
+#   tools/gpu_check.sh [--quick] [--te]  # there: installs .whl/*.whl, runs tools/gpu_check.py
+#   tools/gpu_check.sh --dry-run   # anywhere: lists the checks, validates their recipes
 #
 # --prepare downloads the megatron-core py3.12 wheel into .whl/ and trains the tiny recipe
 # for 10 iterations on CPU into .gpu_ref/ (metrics + data cache), the oracle the GPU
@@ -19,6 +20,10 @@ if [[ "${1:-}" == "--prepare" ]]; then
     logging.tensorboard=false logging.run_dir=/tmp/gpu_ref_run data.cache_dir=.gpu_ref/data
   cp /tmp/gpu_ref_run/metrics.jsonl .gpu_ref/ && rm -rf /tmp/gpu_ref_run .gpu_ref/data/index-cache
   exit 0
+fi
+if [[ "${1:-}" == "--dry-run" ]]; then
+  # any machine: list the checks and validate the recipes they train (no GPU, no TE)
+  exec ${PYTHON:-.venv/bin/python} tools/gpu_check.py --dry-run
 fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

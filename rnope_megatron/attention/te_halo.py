@@ -30,10 +30,13 @@ def _te_available() -> bool:
 
 
 class _NeedsTransformerEngine(MegatronModule):
+    """Stands in for a TE module class when TE is not installed: fine in a spec, refuses
+    to be built."""
+
     def __init__(self, *args, **kwargs):
         from rnope_megatron.errors import MissingDependency
 
-        raise MissingDependency("the te backend's halo attention needs Transformer Engine: "
+        raise MissingDependency(f"the te backend's {type(self).__name__} needs Transformer Engine: "
                                 "pip install 'rnope-megatron[te]'")
 
 

@@ -1,16 +1,50 @@
-"""``rnope-train RECIPE.yaml [section.key=value ...]`` (or ``python -m rnope_megatron.train``).
+"""``rnope-train [--check [--gpu h100|h200|b200]] RECIPE.yaml [section.key=value ...]``
+(or ``python -m rnope_megatron.train``).
 
 Single process on a laptop CPU, or under ``torchrun`` on many GPUs: same command.
 Resumes automatically from ``checkpoint.dir/latest``; SIGTERM / SIGUSR1 (SLURM
 pre-emption; also when sent to the whole process group) save a checkpoint at the end of
 the current iteration and exit 0. A bad recipe, file or checkpoint ends in one line
 naming it, with a non-zero exit status, before any work is lost.
+
+``--check``: validate the recipe and print each layer's attention and precision policy,
+then exit 0 without training (no process group, no data read). ``--gpu NAME`` checks it
+for that GPU instead of this machine's (an FP8 recipe needs one of the two: FP8 support
+depends on the GPU architecture). The world size is taken from ``WORLD_SIZE`` when set.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+
+def _split_options(argv: list[str]) -> tuple[bool, str | None, list[str]]:
+    """(--check given, --gpu value, the remaining arguments)."""
+    check, gpu, rest = False, None, []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--check":
+            check = True
+        elif arg == "--gpu":
+            gpu = next(args, None)
+            if gpu is None or gpu.startswith("-"):
+                raise SystemExit("rnope-train: --gpu needs a GPU name (h100, h200, b200)")
+        elif arg.startswith("--gpu="):
+            gpu = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return check, gpu, rest
+
+
+def _platform(gpu_name: str | None):
+    """The Platform a recipe is checked for: --gpu's, else this machine's (None without CUDA)."""
+    from rnope_megatron import gpus
+    from rnope_megatron.precision import Platform
+
+    if gpu_name is not None:
+        return Platform(gpus.by_name(gpu_name))
+    return Platform.detect()
 
 
 def main(argv=None) -> int:
@@ -20,18 +54,38 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    check, gpu_name, argv = _split_options(argv)
+    if not argv:
+        raise SystemExit("rnope-train: no recipe given (rnope-train [--check [--gpu NAME]] RECIPE.yaml ...)")
     quiet_known_warnings()
     with one_line_errors("rnope-train"):
-        from rnope_megatron.train.loop import run
+        from rnope_megatron.precision import describe_attention, plan_precision
         from rnope_megatron.train.recipe import RecipeError, load_recipe
         from rnope_megatron.train.validation import validate, validate_input_files
 
+        world = os.environ.get("WORLD_SIZE")
         try:
             recipe = load_recipe(argv[0], argv[1:])
-            validate(recipe, int(os.environ.get("WORLD_SIZE", 1)))
-            validate_input_files(recipe)
+            if world is not None or not check:
+                validate(recipe, int(world or 1))
+            platform = _platform(gpu_name)
+            if check and recipe.train.fp8 is not None and platform is None:
+                raise RecipeError("train.fp8: FP8 support depends on the GPU and this machine has none: "
+                                  "pass --gpu h100|h200|b200 to check the recipe for one")
+            # Before any process group: what TE cannot run on this GPU is refused here.
+            precision = plan_precision(recipe, platform)
+            if not check:
+                validate_input_files(recipe)
         except RecipeError as err:
             raise SystemExit(f"rnope-train: bad recipe: {one_line(err)}") from None
+
+        if check:
+            where = f" for {platform.describe()}" if platform is not None else ""
+            print(f"rnope-train: {argv[0]}: recipe ok{where}")
+            print(describe_attention(recipe.model, recipe.train.backend, precision))
+            print(precision.describe())
+            return 0
+        from rnope_megatron.train.loop import run
 
         run(recipe)
     return 0

@@ -21,6 +21,7 @@ from rnope_megatron.distributed import compute_device
 from rnope_megatron.fusions import fusion_overrides
 from rnope_megatron.layout_invariant_init import fill_from_global, seeded_full_tensor
 from rnope_megatron.model import build_model
+from rnope_megatron.precision import Platform, plan_precision
 
 
 def _check_optimizer_format(distributed_optimizer: bool, optimizer_format: str) -> None:
@@ -58,6 +59,8 @@ class Engine:
         o = recipe.optimizer
         self.optimizer_is_distributed = torch.cuda.is_available() if o.distributed is None else o.distributed
         _check_optimizer_format(self.optimizer_is_distributed, recipe.checkpoint.optimizer_format)
+        # Per-layer precision on this GPU (rnope-train refused impossible FP8 before launch).
+        self.precision = plan_precision(recipe, Platform.detect() if recipe.train.fp8 else None)
         self.config = self._transformer_config()
         self.model = self._wrap_in_ddp(self._build_chunks())
         self.optimizer = self._build_optimizer()
@@ -79,6 +82,7 @@ class Engine:
             overrides.update(overlap_p2p_comm=True, batch_p2p_comm=False)
         overrides.update(fusion_overrides(torch.cuda.is_available() if t.fusions is None else t.fusions, t.backend,
                                           self.recipe.model.rotary_interleaved))
+        overrides.update(self.precision.transformer_config_fields())
         if t.recompute:
             overrides["recompute_granularity"] = t.recompute
             if t.recompute == "full":
@@ -95,6 +99,7 @@ class Engine:
         for vp_stage in range(layout.virtual_pipeline) if layout.virtual_pipeline else [None]:
             chunk = build_model(
                 self.recipe.model, self.config, backend=t.backend, vp_stage=vp_stage,
+                bf16_attention_layers=self.precision.bf16_attention_layers(),
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             )

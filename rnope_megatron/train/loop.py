@@ -23,6 +23,7 @@ from rnope_megatron.checkpoint.layout import latest_checkpoint
 from rnope_megatron.checkpoint.training_state import load_training_state, save_training_state, state_digest
 from rnope_megatron.distributed import compute_device, initialize_parallel
 from rnope_megatron.flops import training_flops_per_token
+from rnope_megatron.precision import describe_attention
 from rnope_megatron.train.run_lock import RunDirectoryBusy, RunDirectoryLock
 from rnope_megatron.train.validation import data_parallel_size
 
@@ -159,6 +160,7 @@ def run(recipe) -> dict:
                   f" x cp {recipe.parallel.context} x dp {dp}; {params / 1e6:.2f}M params on rank 0; "
                   f"{t.iters} iters x {t.global_batch_size} x {t.seq_length} tokens", flush=True)
             print(recipe.model.layer_pattern.describe(), flush=True)
+            print(describe_attention(recipe.model, t.backend, engine.precision), flush=True)
 
         iteration, reason = train(engine, dataset, logger, stop, start_iteration)
         logger.close()

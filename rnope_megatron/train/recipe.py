@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, get_type_hints
 import yaml
 
 from rnope_megatron.config import ParallelLayout, RNoPEConfig  # noqa: F401  (type hints)
+from rnope_megatron.precision import FP8Section  # noqa: F401  (type hints)
 from rnope_megatron.typed import ConfigError, build_dataclass
 
 
@@ -65,6 +66,9 @@ class TrainSection:
     state_digest: bool = False
     """At the end, print a SHA-256 of every parameter and optimizer state (also in
     ``exit_status.json``): runs with equal digests ended in bit-identical states."""
+    fp8: Optional[FP8Section] = None
+    """FP8 through Transformer Engine (see :class:`rnope_megatron.precision.FP8Section`):
+    recipe, per-layer attention policy, bf16 first/last layers. None = no FP8."""
 
 
 @dataclasses.dataclass
@@ -211,7 +215,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         keys = dotted.strip().split(".")
         node = raw
         for key in keys[:-1]:
-            node = node.setdefault(key, {})
+            if node.get(key) is None:  # absent, or a null section (train.fp8: null) being switched on
+                node[key] = {}
+            node = node[key]
             if not isinstance(node, dict):
                 raise RecipeError(f"override {dotted}: {key} is not a section")
         node[keys[-1]] = _parse_scalar(dotted, text)

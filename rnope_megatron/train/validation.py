@@ -8,6 +8,7 @@ import pathlib
 import warnings
 from typing import Optional
 
+from rnope_megatron.precision import validate_fp8  # the FP8 checks that need no GPU
 from rnope_megatron.typed import ConfigError as RecipeError
 
 # ``Recipe`` in annotations is rnope_megatron.train.recipe.Recipe, not imported: recipe.py
@@ -197,7 +198,7 @@ def validate_world(recipe: Recipe, world_size: int) -> None:
         raise RecipeError("interleaved pipeline: micro-batches per step must be a multiple of parallel.pipeline")
 
 
-SECTION_VALIDATORS = (validate_parallel, validate_train, validate_optimizer, validate_scheduler,
+SECTION_VALIDATORS = (validate_parallel, validate_train, validate_fp8, validate_optimizer, validate_scheduler,
                       validate_data, validate_checkpoint, validate_logging)
 
 
