@@ -5,7 +5,8 @@ Checks a recipe with the trainer's own rules for a cluster (the recipe's ``clust
 section, or the options) and prints the layer map per pipeline rank, memory per GPU by
 component, FLOPs per token, step time and the speed-up over the all-global RoPE
 baseline. Exit status 0 when the layout fits, 3 when it does not fit, 1 on a bad recipe
-or option (one line naming the field)."""
+or option (one line naming the field). ``--run-dir`` prints the run directory after the
+trainer's checks for the world size (what examples/slurm/train.sbatch needs)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--achieved-tflops", type=float,
                         help="sustained TFLOP/s per GPU for the step time (default: 40%% of the bf16 peak)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--run-dir", action="store_true",
+                        help="check the recipe with the trainer's rules for this world size and print its run "
+                             "directory only (for job scripts; no memory check)")
     return parser
+
+
+def _print_run_dir(recipe, args) -> int:
+    from rnope_megatron.plan.core import resolve_cluster
+    from rnope_megatron.train.validation import validate
+
+    nodes, gpus_per_node, _ = resolve_cluster(recipe, args.nodes, args.gpus_per_node, args.gpu)
+    validate(recipe, world_size=nodes * gpus_per_node)
+    print(recipe.run_dir, flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -40,6 +54,8 @@ def main(argv=None) -> int:
 
         try:
             recipe = load_recipe(args.recipe, args.overrides)
+            if args.run_dir:
+                return _print_run_dir(recipe, args)
             plan = make_plan(recipe, args.recipe, args.nodes, args.gpus_per_node, args.gpu, args.achieved_tflops)
         except RecipeError as err:  # the trainer's words, as rnope-train prints them
             raise SystemExit(f"rnope-plan: bad recipe: {one_line(err)}") from None
