@@ -113,9 +113,9 @@ def test_cli_error_is_one_line_without_traceback():
     assert "recipe file not found: nope.yaml" in missing.stderr and "Traceback" not in missing.stderr
 
 
-@pytest.mark.parametrize("name, world", [("h100-8b-pretrain.yaml", 128), ("h100-8b-longctx-128k.yaml", 256)])
+@pytest.mark.parametrize("name, world", [("pretrain-8k.yaml", 128), ("128k.yaml", 256)])
 def test_cluster_recipes_validate_for_their_world_size(name, world):
-    recipe = load_recipe(ROOT / "recipes" / "clusters" / name)
+    recipe = load_recipe(ROOT / "recipes" / "8b" / name)
     validate(recipe, world_size=world)
     if recipe.parallel.context > 1:
         types = recipe.model.cp_comm_types(recipe.parallel, recipe.train.backend)
