@@ -81,6 +81,11 @@ class Setup:
         )
 
     @property
+    def virtual_pipeline(self) -> int | None:
+        """As ParallelLayout names it (so a Setup serves layers.stage_layers)."""
+        return self.virtual
+
+    @property
     def tokens(self) -> int:
         """Tokens of one micro-batch on one rank."""
         return self.micro_batch * self.seq_length // self.context
@@ -101,7 +106,7 @@ def layer_params(model, tensor: int, backend: str) -> float:
 
 def stage_params(model, setup: Setup, rank: int) -> float:
     """Parameters held by pipeline ``rank`` (one TP rank)."""
-    count = len(stage_layers(model, _Parallel(setup), rank)) * layer_params(model, setup.tensor, setup.backend)
+    count = len(stage_layers(model, setup, rank)) * layer_params(model, setup.tensor, setup.backend)
     vocab = model.vocab_size * model.hidden_size / setup.tensor
     if rank == 0:
         count += vocab
@@ -110,18 +115,6 @@ def stage_params(model, setup: Setup, rank: int) -> float:
         if not model.tie_embeddings or setup.pipeline > 1:
             count += vocab  # output layer (a tied one is a copy of the embedding when PP > 1)
     return count
-
-
-@dataclasses.dataclass(frozen=True)
-class _Parallel:
-    """The two fields :func:`stage_layers` reads, from a Setup."""
-
-    pipeline: int
-    virtual_pipeline: int | None
-
-    def __init__(self, setup: Setup):
-        object.__setattr__(self, "pipeline", setup.pipeline)
-        object.__setattr__(self, "virtual_pipeline", setup.virtual)
 
 
 def static_bytes(params: float, setup: Setup) -> dict[str, float]:
@@ -226,7 +219,7 @@ def stage_memory(recipe, setup: Setup, rank: int) -> StageMemory:
     model = recipe.model
     params = stage_params(model, setup, rank)
     components = static_bytes(params, setup)
-    layers = stage_layers(model, _Parallel(setup), rank)
+    layers = stage_layers(model, setup, rank)
     by_kind = {}
     for letter in sorted(set(model.layer_pattern.layers[n - 1] for n in layers)):
         by_kind[letter] = layer_activation_bytes(model, model.layer_pattern.kind(
