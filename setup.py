@@ -37,6 +37,7 @@ setup(
             "rnope-preprocess = rnope_megatron.preprocess:main",
             "rnope-convert = rnope_megatron.convert.__main__:main",
             "rnope-eval = rnope_megatron.eval:main",
+            "rnope-plan = rnope_megatron.plan.__main__:main",
         ]
     },
     classifiers=["Programming Language :: Python :: 3.12"],

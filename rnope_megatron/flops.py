@@ -1,12 +1,19 @@
 """FLOP model of RNoPE-SWA and its baselines (per token; training = 3 x forward).
 
+The one FLOP model of the package: the trainer's logged TFLOP/s and MFU
+(:mod:`rnope_megatron.train.metrics`) and ``rnope-plan`` both read it.
+
 Per layer, forward:  linear  2·(h·(q + 2·kv) + q·h + 3·h·ffn)   (q = heads·head_dim,
 kv = kv_heads·head_dim, SwiGLU MLP) and attention 4·q·span, with span = the average
 number of keys a query visits: (L+1)/2 for global causal, (W·L − W(W−1)/2)/L for a
-window W. Plus the LM head 2·h·V. Used for TFLOP/s and MFU in the trainer's log.
+window W. Plus the LM head 2·h·V. Megatron-LM's own formula has no window term: it
+counts every layer as global and overstates an SWA model's MFU.
 """
 
 from __future__ import annotations
+
+# Components of :func:`forward_flops_breakdown`, in the order a layer runs them.
+COMPONENTS = ("qkv", "attention_sliding", "attention_global", "attention_out", "mlp", "lm_head")
 
 
 def attention_span(seq_len: int, window: int | None, exact: bool = True) -> float:
@@ -19,18 +26,39 @@ def attention_span(seq_len: int, window: int | None, exact: bool = True) -> floa
     return (window * seq_len - window * (window - 1) / 2) / seq_len
 
 
-def forward_flops_per_token(model, seq_len: int, exact: bool = True) -> float:
-    """Forward FLOPs per token for an RNoPEConfig at sequence length ``seq_len``."""
+def forward_flops_breakdown(model, seq_len: int, exact: bool = True) -> dict[str, float]:
+    """Forward FLOPs per token of an RNoPEConfig at ``seq_len``, by component
+    (:data:`COMPONENTS`): the QKV and output projections, the MLP, the attention
+    scores+values of sliding and of global layers (the window counted exactly), the LM head."""
     h, q = model.hidden_size, model.num_attention_heads * model.head_dim
     kv = model.query_groups * model.head_dim
-    linear = 2 * (h * (q + 2 * kv) + q * h + 3 * h * model.ffn_size)
+    parts = dict.fromkeys(COMPONENTS, 0.0)
     pattern = model.layer_pattern
-    total = 0.0
     for number in range(1, model.num_layers + 1):
-        window = model.window if pattern.kind(number).sliding else None
-        total += linear + 4 * q * attention_span(seq_len, window, exact)
-    return total + 2 * h * model.vocab_size
+        kind = pattern.kind(number)
+        parts["qkv"] += 2 * h * (q + 2 * kv)
+        parts["attention_out"] += 2 * q * h
+        parts["mlp"] += 2 * 3 * h * model.ffn_size
+        window = model.window if kind.sliding else None
+        # QK^T and PV: 2 FLOPs per multiply-add, q channels per key, twice
+        parts["attention_sliding" if kind.sliding else "attention_global"] += 4 * q * attention_span(
+            seq_len, window, exact)
+    parts["lm_head"] = 2 * h * model.vocab_size
+    return parts
+
+
+def forward_flops_per_token(model, seq_len: int, exact: bool = True) -> float:
+    """Forward FLOPs per token for an RNoPEConfig at sequence length ``seq_len``."""
+    return sum(forward_flops_breakdown(model, seq_len, exact).values())
+
+
+def attention_flops_per_token(model, seq_len: int, exact: bool = True) -> float:
+    """Training FLOPs per token of the attention scores and values alone (both kinds)."""
+    parts = forward_flops_breakdown(model, seq_len, exact)
+    return 3 * (parts["attention_sliding"] + parts["attention_global"])
 
 
 def training_flops_per_token(model, seq_len: int, exact: bool = True) -> float:
+    """Model FLOPs per trained token (forward + backward = 3 x forward); recomputation
+    is not model work and is left out (it is hardware work: see rnope_megatron.plan)."""
     return 3 * forward_flops_per_token(model, seq_len, exact)

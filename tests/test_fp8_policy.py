@@ -22,7 +22,7 @@ from rnope_megatron.train.recipe import RecipeError, load_recipe
 from tests.trainer import RECIPE, ROOT, assert_one_line_error, console_script
 
 FP8 = ["train.backend=te", "train.precision=bf16", "model.num_layers=8"]
-CLUSTER = str(ROOT / "recipes" / "clusters" / "h100-8b-pretrain.yaml")
+CLUSTER = str(ROOT / "recipes" / "8b" / "pretrain-8k.yaml")
 
 
 def fp8_recipe(*overrides):
@@ -306,10 +306,10 @@ def test_fp8_without_a_gpu_asks_for_one():
     assert plain.returncode == 0 and "G layers (4,8): portable, no RoPE, fp32 attention" in plain.stdout
 
 
-@pytest.mark.parametrize("name", ["h100-8b-pretrain.yaml", "h100-8b-longctx-128k.yaml"])
+@pytest.mark.parametrize("name", ["pretrain-8k.yaml", "32k.yaml", "64k.yaml", "128k.yaml", "256k.yaml"])
 @pytest.mark.parametrize("gpu", ["h100", "h200", "b200"])
 def test_cluster_recipes_use_fp8_linears_and_bf16_attention_on_sliding_layers(name, gpu):
-    recipe = load_recipe(ROOT / "recipes" / "clusters" / name)
+    recipe = load_recipe(ROOT / "recipes" / "8b" / name)
     plan = plan_precision(recipe, on(gpu))
     assert all(layer.fp8_linears for layer in plan.layers)
     assert all(layer.fp8_attention is (layer.letter == "G") for layer in plan.layers)

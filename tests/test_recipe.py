@@ -1,4 +1,4 @@
-"""Recipes: typed loading, overrides, one level of inheritance, and bad recipes that fail
+"""Recipes: typed loading, overrides, base chains, and bad recipes that fail
 before any process group exists with one line naming the field."""
 
 import pathlib
@@ -28,15 +28,25 @@ def test_overrides_parse_yaml_scalars_and_floats_without_dot():
     assert recipe.parallel.sequence_parallel is True and recipe.data.paths == ["a", "b"]
 
 
-def test_base_inheritance_one_level(tmp_path):
+def test_base_chains_inherit_and_cycles_fail_naming_the_chain(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text(yaml.safe_dump({"base": str(TINY), "train": {"iters": 11}}))
     recipe = load_recipe(child)
     assert recipe.train.iters == 11 and recipe.model.hidden_size == 128  # inherited
     grandchild = tmp_path / "grandchild.yaml"
-    grandchild.write_text(yaml.safe_dump({"base": "child.yaml"}))
-    with pytest.raises(RecipeError, match="one level of inheritance only"):
-        load_recipe(grandchild)
+    grandchild.write_text(yaml.safe_dump({"base": "child.yaml", "train": {"seq_length": 128}}))
+    recipe = load_recipe(grandchild)  # a chain: grandchild -> child -> tiny-cpu
+    assert (recipe.train.iters, recipe.train.seq_length, recipe.model.hidden_size) == (11, 128, 128)
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"base": "b.yaml"}))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"base": "a.yaml"}))
+    with pytest.raises(RecipeError, match=r"base chain is a cycle \(.*a.yaml -> .*b.yaml -> .*a.yaml\)"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "self.yaml").write_text(yaml.safe_dump({"base": "self.yaml"}))
+    with pytest.raises(RecipeError, match="cycle"):
+        load_recipe(tmp_path / "self.yaml")
+    (tmp_path / "lost.yaml").write_text(yaml.safe_dump({"base": "nowhere.yaml"}))
+    with pytest.raises(RecipeError, match="lost.yaml: base recipe not found: .*nowhere.yaml"):
+        load_recipe(tmp_path / "lost.yaml")
 
 
 BAD = [
@@ -103,9 +113,9 @@ def test_cli_error_is_one_line_without_traceback():
     assert "recipe file not found: nope.yaml" in missing.stderr and "Traceback" not in missing.stderr
 
 
-@pytest.mark.parametrize("name, world", [("h100-8b-pretrain.yaml", 128), ("h100-8b-longctx-128k.yaml", 256)])
+@pytest.mark.parametrize("name, world", [("pretrain-8k.yaml", 128), ("128k.yaml", 256)])
 def test_cluster_recipes_validate_for_their_world_size(name, world):
-    recipe = load_recipe(ROOT / "recipes" / "clusters" / name)
+    recipe = load_recipe(ROOT / "recipes" / "8b" / name)
     validate(recipe, world_size=world)
     if recipe.parallel.context > 1:
         types = recipe.model.cp_comm_types(recipe.parallel, recipe.train.backend)

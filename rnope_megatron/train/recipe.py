@@ -2,9 +2,10 @@
 
 A recipe has the sections ``model`` (:class:`RNoPEConfig`), ``parallel``
 (:class:`ParallelLayout`), ``train``, ``optimizer``, ``scheduler``, ``data``,
-``checkpoint`` and ``logging``. Unknown keys are errors naming their path; ``a.b=value``
-arguments override values; ``base: other.yaml`` inherits one level (the base may not
-itself have a base); a section given as a file name (``model: models/paper-8b.yaml``) is
+``checkpoint``, ``logging`` and ``cluster``. Unknown keys are errors naming their path; ``a.b=value``
+arguments override values; ``base: other.yaml`` inherits from another recipe, which may
+have a base of its own (a chain such as 128k -> 64k -> ... -> pretrain-8k; a cycle is an
+error naming the chain); a section given as a file name (``model: models/paper-8b.yaml``) is
 read from that file, relative to the recipe naming it. :func:`validate` (in
 :mod:`.validation`) checks every cross-field constraint before any process group exists,
 so a bad recipe fails in a second, not after the job is scheduled.
@@ -160,6 +161,19 @@ class LoggingSection:
 
 
 @dataclasses.dataclass
+class ClusterSection:
+    """The machines a recipe was planned for (read by ``rnope-plan`` and the launch kit;
+    the trainer itself takes its world size from torchrun)."""
+
+    nodes: Optional[int] = None
+    """Nodes the layout was planned for (None: not planned for a cluster)."""
+    gpus_per_node: int = 8
+    """GPUs per node."""
+    gpu: str = "h100"
+    """GPU model the layout must fit (a name in rnope_megatron.gpus: h100, h200, b200)."""
+
+
+@dataclasses.dataclass
 class Recipe:
     """A whole training recipe."""
 
@@ -171,6 +185,7 @@ class Recipe:
     data: DataSection = dataclasses.field(default_factory=DataSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
+    cluster: ClusterSection = dataclasses.field(default_factory=ClusterSection)
 
     @property
     def run_dir(self) -> pathlib.Path:
@@ -249,20 +264,23 @@ def _section_files(raw: dict, folder: pathlib.Path) -> dict:
             else value for key, value in raw.items()}
 
 
-def read_yaml(path) -> dict:
-    """The raw recipe mapping: the file, its section files and its base merged."""
+def read_yaml(path, _chain: tuple = ()) -> dict:
+    """The raw recipe mapping: the file, its section files and its bases merged (a base
+    is read relative to the file naming it; the file's own keys win)."""
     path = pathlib.Path(path)
-    raw = _section_files(_read_mapping(path, "recipe file"), path.parent)
+    chain = _chain + (path,)
+    what = f"{_chain[-1]}: base recipe" if _chain else "recipe file"
+    raw = _section_files(_read_mapping(path, what), path.parent)
     base = raw.pop("base", None)
     if base is None:
         return raw
     if not isinstance(base, str):
         raise RecipeError(f"{path}: base must be one recipe file name, got {base!r}")
     base_path = path.parent / base
-    base_raw = _read_mapping(base_path, f"{path}: base recipe")
-    if "base" in base_raw:
-        raise RecipeError(f"{path}: base {base} has a base of its own (one level of inheritance only)")
-    return _merge(_section_files(base_raw, base_path.parent), raw)
+    if any(base_path.resolve() == seen.resolve() for seen in chain):
+        names = " -> ".join(str(p) for p in chain + (base_path,))
+        raise RecipeError(f"{path}: base chain is a cycle ({names})")
+    return _merge(read_yaml(base_path, chain), raw)
 
 
 def recipe_from_dict(raw: dict) -> Recipe:

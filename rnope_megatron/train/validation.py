@@ -187,6 +187,17 @@ def validate_logging(recipe: Recipe) -> None:
         _finite("logging.peak_tflops", peak, positive=True)
 
 
+def validate_cluster(recipe: Recipe) -> None:
+    from rnope_megatron.gpus import by_name
+
+    c = recipe.cluster
+    if c.nodes is not None and c.nodes < 1:
+        raise RecipeError(f"cluster.nodes={c.nodes} must be >= 1")
+    if c.gpus_per_node < 1:
+        raise RecipeError(f"cluster.gpus_per_node={c.gpus_per_node} must be >= 1")
+    by_name(c.gpu, "cluster.gpu")
+
+
 def validate_world(recipe: Recipe, world_size: int) -> None:
     """The checks that need the number of processes."""
     p, t = recipe.parallel, recipe.train
@@ -199,7 +210,7 @@ def validate_world(recipe: Recipe, world_size: int) -> None:
 
 
 SECTION_VALIDATORS = (validate_parallel, validate_train, validate_fp8, validate_optimizer, validate_scheduler,
-                      validate_data, validate_checkpoint, validate_logging)
+                      validate_data, validate_checkpoint, validate_logging, validate_cluster)
 
 
 def validate(recipe: Recipe, world_size: Optional[int] = None) -> None:

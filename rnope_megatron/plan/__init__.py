@@ -1,0 +1,11 @@
+"""``rnope-plan``: check and price a training recipe before any GPU is allocated.
+
+:func:`make_plan` validates the layout with the trainer's rules and returns the layer map
+per pipeline rank, memory per GPU by component (:mod:`.memory`), FLOPs per token by
+component, step time at an assumed achieved TFLOP/s and the speed-up over the matching
+all-global RoPE baseline; :func:`render` prints it."""
+
+from rnope_megatron.plan.core import KEYS, make_plan
+from rnope_megatron.plan.report import render
+
+__all__ = ["KEYS", "make_plan", "render"]
