@@ -103,7 +103,8 @@ def quantized_hf_model(model, cfg, adapter, fmt_config: dict, eod: int | None = 
             source = getattr(module, qname, None)
             if source is None:
                 continue
-            properties = source.get_modelopt_state(properties_only=True)
+            properties = {k: v for k, v in source.get_modelopt_state(properties_only=True).items()
+                          if k not in SHAPE_PROPERTIES}
             for target in targets:
                 getattr(target, qname).set_from_modelopt_state(properties, properties_only=True)
         rows_out = module.weight.shape[0]
@@ -111,7 +112,16 @@ def quantized_hf_model(model, cfg, adapter, fmt_config: dict, eod: int | None = 
             qname, attr = key.rsplit(".", 1)
             for target, part in zip(targets, split_like_rows(mapping, tensor, rows_out, shapes)):
                 _set_buffer(target.get_submodule(qname), attr, part)
+        with torch.no_grad():
+            for target in targets:  # a block quantizer lays out its blocks for this weight's shape
+                if target.weight_quantizer.is_enabled and target.weight_quantizer.block_sizes:
+                    target.weight_quantizer(target.weight)
     return hf
+
+
+# Quantizer properties derived from the shape of the tensor a block quantizer saw (the
+# fused Megatron weight): each HF weight derives its own on its first pass.
+SHAPE_PROPERTIES = ("_original_shape", "_block_reshape_size", "_padding", "_slices", "_amax_shape_for_export")
 
 
 def export(model, cfg, adapter, recipe: dict, hf_dir, inputs: list, force: bool) -> dict:
