@@ -6,7 +6,8 @@ this project's CPU machines with a margin: quantized vs unquantized logits, rela
 (||q - ref|| / ||ref||) below 6% for fp8 and int8_sq, 15% for int4_awq (measured: about
 2.3%, 5.1% and under 1%: int8_sq's per-channel weights and smoothing lose least); the exported HF
 directory, dequantized as a serving stack does (weights * scales, activations quantized
-with the exported input scales), vs our quantized model: relative RMS below 1e-3 (only
+with the exported input scales), vs our quantized model: relative RMS below 5e-3 (measured
+up to 9e-4 on the parallel block with int8 activations; only
 float rounding and rare rounding-boundary flips differ). Save -> load is bit-exact.
 The eval-loss delta of each format is printed (``-s``) and checked finite.
 
@@ -33,7 +34,7 @@ HAVE_MODELOPT = importlib.util.find_spec("modelopt") is not None
 needs_modelopt = pytest.mark.skipif(not HAVE_MODELOPT, reason="nvidia-modelopt (the 'quant' extra) is not installed")
 CPU_FORMATS = ["fp8", "int4_awq", "int8_sq"]
 LOGIT_BOUND = {"fp8": 0.06, "int8_sq": 0.06, "int4_awq": 0.15}
-EXPORT_BOUND = 1e-3
+EXPORT_BOUND = 5e-3
 TRAIN = ["train.iters=4", "train.seq_length=128"]
 
 
@@ -57,9 +58,10 @@ def trained(tmp_path_factory, data_cache):
 
 @pytest.fixture(scope="module")
 def trained_parallel(tmp_path_factory, data_cache):
-    """The parallel (Cohere-style) block, trained 2 iterations."""
+    """The parallel (Cohere-style) block, trained 3 iterations."""
     run = tmp_path_factory.mktemp("trained-parallel")
-    train(run, "train.iters=2", "train.seq_length=128", "model.block=parallel", "model.normalization=LayerNorm",
+    train(run, "train.iters=3", "scheduler.warmup_iters=1", "train.seq_length=128", "model.block=parallel",
+          "model.normalization=LayerNorm",
           "model.logit_scale=0.25", f"data.cache_dir={data_cache}")
     return run / "checkpoints"
 
