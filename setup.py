@@ -3,6 +3,8 @@ layer) as a Megatron-Core plugin."""
 
 from setuptools import find_packages, setup
 
+QUANT = ["nvidia-modelopt>=0.47", "requests"]
+
 setup(
     name="rnope-megatron",
     version="0.1.0",
@@ -28,8 +30,11 @@ setup(
         "te": ["transformer-engine[pytorch]>=2.3"],
         # Hugging Face conversion (rnope-convert) and its parity tests.
         "hf": ["transformers>=5.0", "safetensors"],
-        "modelopt": ["nvidia-modelopt"],
-        "dev": ["pytest>=8", "matplotlib", "tensorboard"],
+        # Quantization (rnope-quantize, QAT) with NVIDIA Model Optimizer. modelopt 0.47
+        # imports requests without declaring it. Also in dev: CI runs the quantization tests.
+        "quant": QUANT,
+        "modelopt": QUANT,  # the earlier name of the same extra
+        "dev": ["pytest>=8", "matplotlib", "tensorboard", *QUANT],
     },
     entry_points={
         "console_scripts": [
@@ -38,6 +43,7 @@ setup(
             "rnope-convert = rnope_megatron.convert.__main__:main",
             "rnope-eval = rnope_megatron.eval:main",
             "rnope-plan = rnope_megatron.plan.__main__:main",
+            "rnope-quantize = rnope_megatron.quantize.__main__:main",
         ]
     },
     classifiers=["Programming Language :: Python :: 3.12"],

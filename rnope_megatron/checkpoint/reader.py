@@ -68,15 +68,20 @@ class CheckpointReader:
 
 def load_model(path, cfg: RNoPEConfig | None = None):
     """The checkpoint's whole model on this (single) rank, in eval mode: ``(cfg, model)``.
-    ``cfg`` defaults to the model section saved with the checkpoint."""
+    ``cfg`` defaults to the model section saved with the checkpoint. A checkpoint with
+    quantizers (rnope-quantize, QAT) loads with them (needs the ``quant`` extra)."""
     from megatron.core import dist_checkpointing
 
     from rnope_megatron.checkpoint.layout import saved_recipe
     from rnope_megatron.model import build_single_rank_model
 
+    from rnope_megatron.checkpoint.layout import common_state
+    from rnope_megatron.quantize.state import restore_quantizers
+
     path = resolve(path)
     cfg = cfg or RNoPEConfig.from_dict(saved_recipe(path)["model"])
     model = build_single_rank_model(cfg)
+    restore_quantizers([model], common_state(path), path)  # a quantized checkpoint evaluates quantized
     (request,) = keep_what_the_checkpoint_holds([model.sharded_state_dict()], path)
     try:
         loaded = dist_checkpointing.load({"model": request}, str(path))

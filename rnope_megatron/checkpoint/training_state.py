@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from rnope_megatron.checkpoint.layout import FAILURES, CheckpointError, common_state, save_state, unreadable
 from rnope_megatron.checkpoint.model_state import keep_what_the_checkpoint_holds, load_into
+from rnope_megatron.quantize.state import checkpoint_entries as quantizer_entries, restore_quantizers
 
 # Model fields that may differ between a checkpoint and the run that loads it: the
 # sequence length (a long-context stage, no RoPE rescaling), and settings that change
@@ -163,6 +164,7 @@ def save_training_state(engine, directory, iteration: int, keep: int) -> pathlib
     # the whole recipe, so tools (rnope-convert, rnope-eval) can rebuild the model
     state["recipe"] = engine.recipe.to_dict()
     state["train_state"] = {"iteration": iteration, "layout": _layout(), "runtime": runtime_facts()}
+    state.update(quantizer_entries([chunk.module for chunk in engine.model]))  # QAT: {} otherwise
     return save_state(state, directory, iteration, keep)
 
 
@@ -211,6 +213,8 @@ def load_training_state(engine, path, weights_only: bool = False) -> dict:
     path = pathlib.Path(path)
     common = common_state(path)
     check_architecture(path, common.get("recipe"), engine.recipe.model)
+    # quantizers first (QAT): the load request below then holds their calibrated tensors
+    restore_quantizers([chunk.module for chunk in engine.model], common, path)
     if not weights_only and "optimizer" not in common:
         raise CheckpointError(f"{path} holds weights only (e.g. from rnope-convert from-hf): "
                               "set checkpoint.reset_optimizer=true")

@@ -56,6 +56,13 @@ SCOPED_MODULES = (
     "megatron.core.dist_checkpointing.strategies.async_utils",
 )
 
+# Modules of optional packages with the same CUDA calls, scoped once imported (they are
+# not imported here: modelopt takes ~20 s to import). modelopt's Megatron plugin calls
+# torch.cuda.synchronize() in every quantized module's get_extra_state (checkpoint saves).
+OPTIONAL_SCOPED_MODULES = (
+    "modelopt.torch.opt.plugins.megatron",
+)
+
 _FACTORIES = (
     "empty", "zeros", "ones", "full", "tensor", "arange", "as_tensor", "empty_strided",
     "empty_like", "zeros_like", "ones_like", "full_like", "rand", "randn", "randint",
@@ -202,10 +209,26 @@ def enable() -> bool:
     torch.Tensor.cuda = _tensor_cuda_from_megatron_stays_on_cpu
     torch.Tensor.type = _tensor_type_seen_by_megatron
     for name in SCOPED_MODULES:
-        module = importlib.import_module(name)
-        _original_torch[name] = module.torch
-        module.torch = proxy
+        _scope(name, proxy)
+    scope_optional_modules(proxy)
     return True
+
+
+def _scope(name: str, proxy) -> None:
+    module = importlib.import_module(name)
+    _original_torch[name] = module.torch
+    module.torch = proxy
+
+
+def scope_optional_modules(proxy=None) -> None:
+    """Scope the :data:`OPTIONAL_SCOPED_MODULES` imported so far (when the redirect is
+    active): call after importing an optional package, e.g. modelopt."""
+    if not _original_torch:
+        return
+    proxy = proxy or _CpuTorch()
+    for name in OPTIONAL_SCOPED_MODULES:
+        if name in sys.modules and name not in _original_torch:
+            _scope(name, proxy)
 
 
 def disable() -> None:

@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 
 from rnope_megatron import faults
-from rnope_megatron.checkpoint.layout import latest_checkpoint
+from rnope_megatron.checkpoint.layout import common_state, latest_checkpoint
 from rnope_megatron.checkpoint.training_state import load_training_state, save_training_state, state_digest
 from rnope_megatron.distributed import compute_device, initialize_parallel
 from rnope_megatron.flops import training_flops_per_token
 from rnope_megatron.precision import describe_attention
+from rnope_megatron.quantize.state import is_quantized, quantized_weights_only
 from rnope_megatron.train.run_lock import RunDirectoryBusy, RunDirectoryLock
 from rnope_megatron.train.validation import data_parallel_size
 
@@ -75,11 +76,14 @@ def restore(engine, recipe, rank0: bool) -> int:
         return state["iteration"]
     if recipe.checkpoint.load:
         source = latest_checkpoint(recipe.checkpoint.load) or pathlib.Path(recipe.checkpoint.load)
-        weights_only = recipe.checkpoint.reset_optimizer
+        # rnope-quantize's output holds no optimizer: QAT starts a fresh one
+        weights_only = recipe.checkpoint.reset_optimizer or quantized_weights_only(common_state(source))
         state = load_training_state(engine, source, weights_only=weights_only)
         start = 0 if weights_only else state["iteration"]
         if rank0:
             mode = "weights only" if weights_only else "full state"
+            if is_quantized(engine.model[0].module):
+                mode += ", with its quantizers: quantization-aware training"
             print(f"initialised from {source} ({mode}) at iteration {start}", flush=True)
         return start
     return 0
