@@ -2,7 +2,7 @@
 
 A recipe has the sections ``model`` (:class:`RNoPEConfig`), ``parallel``
 (:class:`ParallelLayout`), ``train``, ``optimizer``, ``scheduler``, ``data``,
-``checkpoint`` and ``logging``. Unknown keys are errors naming their path; ``a.b=value``
+``checkpoint``, ``logging`` and ``eval``. Unknown keys are errors naming their path; ``a.b=value``
 arguments override values; ``base: other.yaml`` inherits one level (the base may not
 itself have a base); a section given as a file name (``model: models/paper-8b.yaml``) is
 read from that file, relative to the recipe naming it. :func:`validate` (in
@@ -156,6 +156,25 @@ class LoggingSection:
 
 
 @dataclasses.dataclass
+class EvalSection:
+    """Retrieval gates on the training model (rnope_megatron.eval.gate): accuracy per
+    length in metrics.jsonl and TensorBoard; the training trajectory is unchanged."""
+
+    interval: int = 0
+    """Evaluate every this many iterations (0 = never)."""
+    tasks: list = dataclasses.field(default_factory=lambda: ["passkey"])
+    """Any of ``passkey``, ``niah`` (see rnope_megatron.eval.tasks)."""
+    lengths: list = dataclasses.field(default_factory=list)
+    """Prompt lengths in tokens, e.g. [256, 1024, 4096] (empty = train.seq_length)."""
+    depths: list = dataclasses.field(default_factory=lambda: [0.0, 0.5, 1.0])
+    """Needle depths in [0, 1] (0 = start of the haystack, 1 = just before the question)."""
+    samples: int = 4
+    """Prompts per (length, depth) cell."""
+    seed: int = 0
+    """Seed of the prompts (their own generator: the data order is untouched)."""
+
+
+@dataclasses.dataclass
 class Recipe:
     """A whole training recipe."""
 
@@ -167,6 +186,7 @@ class Recipe:
     data: DataSection = dataclasses.field(default_factory=DataSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
 
     @property
     def run_dir(self) -> pathlib.Path:
