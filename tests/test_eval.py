@@ -258,3 +258,18 @@ def test_eval_gates_leave_training_bit_exact_also_through_kill_and_resume(tmp_pa
 def test_bad_eval_section_fails_in_one_line(tmp_path):
     proc = train(tmp_path, "eval.interval=2", "eval.tasks=[ruler]", check=False)
     assert_one_line_error(proc, "rnope-train", "eval.tasks")
+
+
+def test_reproduction_recipe_compares_models_of_equal_size(megatron_single):
+    """recipes/reproduce-small.yaml validates for both patterns, the two models have the
+    same parameter count, and its gates evaluate past the training length."""
+    from rnope_megatron.model import build_single_rank_model
+    from rnope_megatron.train.recipe import load_recipe
+
+    recipe = ROOT / "recipes" / "reproduce-small.yaml"
+    counts = []
+    for pattern in ("SSSG", "R"):
+        r = load_recipe(recipe, [f"model.pattern={pattern}"])
+        counts.append(sum(p.numel() for p in build_single_rank_model(r.model, meta=True).parameters()))
+    assert counts[0] == counts[1] > 0
+    assert r.eval.interval > 0 and max(r.eval.lengths) >= 8 * r.train.seq_length

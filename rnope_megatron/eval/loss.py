@@ -134,8 +134,11 @@ def loss_command(checkpoint, input_ids=None, data=None, length=None, samples=8, 
     ids = read_ids(input_ids) if input_ids else None
     source = resolve(checkpoint)
     trained = (saved_recipe(source).get("train") or {}).get("seq_length")
+    from rnope_megatron.eval.models import quiet_checkpoint_reading
+
     ensure_single_process()
-    cfg, model = load_model(source)
+    with quiet_checkpoint_reading():
+        cfg, model = load_model(source)
     if ids is None:
         ids = dataset_ids(data, cfg, length, samples, seed)
     if int(ids.max()) >= cfg.vocab_size:

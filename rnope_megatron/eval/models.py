@@ -11,8 +11,10 @@ exports them). The training-time gate wraps the training model itself
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
+import warnings
 from typing import Optional
 
 import torch
@@ -31,6 +33,16 @@ class Evaluated:
     """What was loaded (source, pattern, window, trained length), written into the JSON."""
     trained_length: Optional[int] = None
     """``train.seq_length`` of the recipe saved with the checkpoint, when known."""
+
+
+@contextlib.contextmanager
+def quiet_checkpoint_reading():
+    """torch DCP warns on every single-process load (argument order, ShardedTensor
+    deprecation) about Megatron's calls, which no user can change."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The argument order of load has been changed")
+        warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
+        yield
 
 
 def megatron_logits(model) -> LogitsFn:
@@ -65,7 +77,8 @@ def from_checkpoint(path, threads: Optional[int] = None) -> Evaluated:
     if threads:
         torch.set_num_threads(threads)
     ensure_single_process()
-    cfg, model = load_model(source)
+    with quiet_checkpoint_reading():
+        cfg, model = load_model(source)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"checkpoint {source}: tokenizer has {tokenizer.vocab_size} ids > model.vocab_size "
                          f"{cfg.vocab_size}")
