@@ -11,6 +11,7 @@
 #   examples/reproduce_paper_small.sh --quick    # 1 seed,  1x-8x    (about 15 minutes)
 #   OUT=/tmp/repro examples/reproduce_paper_small.sh --quick
 #   EXTRA="train.iters=20 scheduler.warmup_iters=2" ...   # extra rnope-train overrides (smoke test)
+#   JOBS=2 ...                                   # train the two models of a seed at once
 #
 # Writes $OUT/results.json (per model and length: mean accuracy over seeds, and each
 # seed's), $OUT/results.md (the table) and $OUT/results.png; each run's metrics and each
@@ -33,18 +34,36 @@ fi
 mkdir -p "$OUT"
 started=$(date +%s)
 
+MODELS=(rnope-swa:SSSG rope-baseline:R)
+
+train_one() {  # name pattern seed [override...]
+  local name=$1 pattern=$2 seed=$3; shift 3
+  local run="$OUT/$name-seed$seed"
+  echo "== train $name (pattern $pattern) seed $seed -> $run"
+  "$BIN/rnope-train" recipes/reproduce-small.yaml "model.pattern=$pattern" "train.seed=$seed" \
+    "logging.run_dir=$run" "data.cache_dir=$OUT/data" "$@" ${EXTRA:-} > "$run.log" 2>&1 || {
+      echo "rnope-train failed for $name seed $seed; see $run.log" >&2; return 1; }
+  grep -E "^eval|rnope-train:" "$run.log" | sed "s/^/   [$name] /" || true
+}
+
 for seed in "${SEEDS[@]}"; do
-  for model in rnope-swa:SSSG rope-baseline:R; do
-    name=${model%%:*}; pattern=${model##*:}
-    run="$OUT/$name-seed$seed"
-    echo "== train $name (pattern $pattern) seed $seed -> $run"
-    "$BIN/rnope-train" recipes/reproduce-small.yaml "model.pattern=$pattern" "train.seed=$seed" \
-      "logging.run_dir=$run" "data.cache_dir=$OUT/data" ${EXTRA:-} | grep -E "^(eval|rnope-train:)|iter +(500|1000|1500)/" || true
-    test -f "$run/exit_status.json" && grep -q '"done": true' "$run/exit_status.json"
+  if [[ ${JOBS:-1} -gt 1 ]]; then
+    # both models at once, one thread each: on 2 shared cores this keeps both busy
+    # without the barrier waits a 2-thread step suffers when a thread is descheduled
+    pids=()
+    for model in "${MODELS[@]}"; do
+      train_one "${model%%:*}" "${model##*:}" "$seed" train.cpu_threads=1 & pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+  else
+    for model in "${MODELS[@]}"; do train_one "${model%%:*}" "${model##*:}" "$seed"; done
+  fi
+  for model in "${MODELS[@]}"; do
+    name=${model%%:*}
     echo "== evaluate $name seed $seed at $LENGTHS"
-    "$BIN/rnope-eval" passkey --checkpoint "$run/checkpoints" --lengths "$LENGTHS" \
+    "$BIN/rnope-eval" passkey --checkpoint "$OUT/$name-seed$seed/checkpoints" --lengths "$LENGTHS" \
       --depths 0,0.25,0.5,0.75,1 --samples "$SAMPLES" --seed "$seed" --quiet \
-      --json "$OUT/passkey-$name-seed$seed.json" --png "$OUT/passkey-$name-seed$seed.png"
+      --json "$OUT/passkey-$name-seed$seed.json" --png "$OUT/passkey-$name-seed$seed.png" | tail -1
   done
 done
 
