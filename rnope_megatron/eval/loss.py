@@ -120,10 +120,11 @@ def dataset_ids(data_file, cfg, length: int, samples: int, seed: int) -> torch.T
 
 
 def loss_command(checkpoint, input_ids=None, data=None, length=None, samples=8, seed=0) -> dict:
-    """Mean loss and its per-position profile (see module docstring)."""
+    """Mean loss and its per-position profile in octave bins (see module docstring)."""
     from rnope_megatron.checkpoint.layout import resolve, saved_recipe
     from rnope_megatron.checkpoint.reader import load_model
     from rnope_megatron.distributed import ensure_single_process
+    from rnope_megatron.eval.models import quiet_checkpoint_reading
 
     if bool(input_ids) == bool(data):
         raise ValueError("give exactly one of --input-ids FILE or --data FILE")
@@ -134,8 +135,6 @@ def loss_command(checkpoint, input_ids=None, data=None, length=None, samples=8, 
     ids = read_ids(input_ids) if input_ids else None
     source = resolve(checkpoint)
     trained = (saved_recipe(source).get("train") or {}).get("seq_length")
-    from rnope_megatron.eval.models import quiet_checkpoint_reading
-
     ensure_single_process()
     with quiet_checkpoint_reading():
         cfg, model = load_model(source)
@@ -151,12 +150,11 @@ def loss_command(checkpoint, input_ids=None, data=None, length=None, samples=8, 
     if trained and ids.shape[1] - 1 > trained:
         result["loss_within_trained_length"] = curve[:trained].mean().item()
         result["loss_beyond_trained_length"] = curve[trained:].mean().item()
-    result["_curve"] = curve
     return result
 
 
 def write_loss_outputs(result: dict, json_path=None, png=None, title="") -> None:
-    curve = result.pop("_curve")
+    """The result as JSON at ``json_path`` and its per-position curve as a PNG."""
     if json_path:
         pathlib.Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     if png:
@@ -166,4 +164,3 @@ def write_loss_outputs(result: dict, json_path=None, png=None, title="") -> None
         # plot each bin at its geometric centre (log-scaled x axis)
         xs = [max(1, math.sqrt(max(b["start"], 1) * b["end"])) for b in bins]
         loss_curve(xs, [b["loss"] for b in bins], result["trained_length"], title, png)
-    del curve
