@@ -5,9 +5,10 @@ transformers' SmolLM3 class with the same shape and layer types (sdpa attention,
 on CPU: the sliding window there is a dense mask).
 
 A step is forward + backward of the next-token loss on one sequence plus an AdamW update.
-Every (model, L) runs in a fresh subprocess (its peak-RSS growth is its own); time is the
-best of ``--repeats`` steps after one warm-up step. On CUDA, max_memory_allocated is used.
-Times on a shared machine are noise-prone: compare ratios taken in one run.
+Times: one subprocess per row builds both models and alternates their steps after a
+warm-up step each (best of ``--repeats`` pairs), so the ratio is taken under one machine
+load. Memory: one fresh subprocess per (model, L) and one step, so its peak-RSS growth is
+its own (on CUDA, max_memory_allocated). Absolute times on a shared machine are noise.
 
     python benchmarks/train_step.py                          # table, L/W = 16 and 32
     python benchmarks/train_step.py --hf-lengths 8192 16384  # + HF SmolLM3 comparison
@@ -74,7 +75,8 @@ def _build(spec: dict):
     return model, loss
 
 
-def _worker(spec: dict) -> dict:
+def _stepper(spec: dict):
+    """(model's step function, its device) for one model spec."""
     import torch
 
     torch.manual_seed(0)
@@ -83,9 +85,6 @@ def _worker(spec: dict) -> dict:
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, spec["model"]["vocab_size"], (1, spec["seq_len"] + 1), device=device)
-    base = _rss_mb()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -94,24 +93,47 @@ def _worker(spec: dict) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    step()  # warm-up (kernel build, allocator)
-    times = []
-    for _ in range(spec["repeats"]):
-        started = time.perf_counter()
+    return step, device
+
+
+def _worker(spec: dict) -> dict:
+    """``mode="memory"``: peak memory growth of one model's first step. ``mode="time"``:
+    best step times of ``spec["pair"]`` (two model specs), alternated after a warm-up."""
+    import torch
+
+    if spec["mode"] == "memory":
+        step, device = _stepper(spec)
+        base = _rss_mb()  # after building: the growth is the step's (activations, grads, Adam state)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         step()
-        times.append(time.perf_counter() - started)
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    return {"ms": 1000 * min(times), "peak_mb": peak}
+        if device == "cuda":
+            return {"peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+        return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base}
+    steps = [_stepper({**one, "seq_len": spec["seq_len"]})[0] for one in spec["pair"]]
+    for step in steps:
+        step()  # warm-up (kernel build, allocator)
+    best = [float("inf")] * len(steps)
+    for _ in range(spec["repeats"]):
+        for index, step in enumerate(steps):
+            started = time.perf_counter()
+            step()
+            best[index] = min(best[index], time.perf_counter() - started)
+    return {"ms": [1000 * b for b in best]}
 
 
-def measure(spec: dict) -> dict:
+def _run_worker(spec: dict) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode:
-        raise SystemExit(f"train_step.py: worker {spec['impl']} L={spec['seq_len']} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"train_step.py: worker {spec['mode']} L={spec['seq_len']} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(ours: dict, other: dict, seq_len: int, repeats: int) -> tuple[dict, dict]:
+    """Step times (alternated in one process) and peak memory (one process each)."""
+    times = _run_worker({"mode": "time", "seq_len": seq_len, "repeats": repeats, "pair": [ours, other]})["ms"]
+    memory = [_run_worker({**one, "mode": "memory", "seq_len": seq_len})["peak_mb"] for one in (ours, other)]
+    return ({"ms": times[0], "peak_mb": memory[0]}, {"ms": times[1], "peak_mb": memory[1]})
 
 
 def flop_speedup(args, seq_len: int, window: int) -> float:
@@ -125,20 +147,17 @@ def flop_speedup(args, seq_len: int, window: int) -> float:
 
 def rows(args) -> list[dict]:
     out = []
-    common = {"repeats": args.repeats}
     for ratio in args.ratios:
         for seq in args.seq_lens:
             window = seq // ratio
-            ours = measure({**common, "impl": "megatron", "seq_len": seq, "model": shape(args, "SSSG", seq, window)})
-            other = measure({**common, "impl": "megatron", "seq_len": seq, "model": shape(args, "R", seq, window)})
-            predicted = flop_speedup(args, seq, window)
-            out.append(_row("vs RoPE baseline", seq, window, ratio, ours, other, predicted))
+            ours, other = measure({"impl": "megatron", "model": shape(args, "SSSG", seq, window)},
+                                  {"impl": "megatron", "model": shape(args, "R", seq, window)}, seq, args.repeats)
+            out.append(_row("vs RoPE baseline", seq, window, ratio, ours, other, flop_speedup(args, seq, window)))
             _progress(args, out[-1])
     for seq in args.hf_lengths:
         window = seq // args.ratios[0]
         model = shape(args, "SSSG", seq, window)
-        ours = measure({**common, "impl": "megatron", "seq_len": seq, "model": model})
-        other = measure({**common, "impl": "hf", "seq_len": seq, "model": model})
+        ours, other = measure({"impl": "megatron", "model": model}, {"impl": "hf", "model": model}, seq, args.repeats)
         out.append(_row("vs HF SmolLM3", seq, window, args.ratios[0], ours, other, None))
         _progress(args, out[-1])
     return out
