@@ -45,3 +45,25 @@ def test_byte_tokenizer_round_trip():
     tok = ByteTokenizer()
     ids = tok.tokenize("héllo")
     assert max(ids) < 256 and tok.detokenize(ids + [tok.eod]) == "héllo"
+
+
+def test_training_samples_hold_whole_passkey_cases(tmp_path):
+    """The retrieval mix's documents are half a sequence: a sample (a stride-seq_length
+    cut of the concatenated documents) then often holds needle, question and answer
+    together. Whole-sequence documents gave 15% at 256 tokens (5% at 128)."""
+    import re
+
+    from rnope_megatron.data.dataset import build_dataset
+    from rnope_megatron.data.tokenizers import ByteTokenizer
+    from rnope_megatron.train.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({"data": {"source": "synthetic-retrieval"}, "train": {"seq_length": 256, "seed": 3},
+                               "model": {"vocab_size": 272}})
+    dataset = build_dataset(recipe, tmp_path, 400)
+    whole = 0
+    for i in range(400):
+        text = ByteTokenizer().detokenize(dataset[i]["tokens"].tolist() + dataset[i]["labels"][-1:].tolist())
+        found = re.search(r"The pass key is (\d{5})\. Remember[^\n]*?What is the pass key\? The pass key is (\d{5})",
+                          text)
+        whole += bool(found and found.group(1) == found.group(2))
+    assert whole / 400 > 0.3

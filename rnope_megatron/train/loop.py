@@ -89,9 +89,9 @@ def restore(engine, recipe, rank0: bool) -> int:
     return 0
 
 
-def train(engine, dataset, logger, stop: StopRequest, start_iteration: int) -> tuple[int, str]:
-    """Step, log and save until ``train.iters``, ``train.stop_at`` or a stop signal.
-    Returns (last iteration, why it ended)."""
+def train(engine, dataset, logger, stop: StopRequest, start_iteration: int, gate=None) -> tuple[int, str]:
+    """Step, log and save until ``train.iters``, ``train.stop_at`` or a stop signal; run
+    the eval ``gate`` (if any) when due. Returns (last iteration, why it ended)."""
     recipe, t = engine.recipe, engine.recipe.train
     rank0 = dist.get_rank() == 0
     skips, iteration = 0, start_iteration
@@ -107,9 +107,15 @@ def train(engine, dataset, logger, stop: StopRequest, start_iteration: int) -> t
                     f"rnope-train: non-finite loss {result.loss} / grad norm {result.grad_norm} at iteration "
                     f"{iteration} (train.max_nan_skips={t.max_nan_skips} exhausted); last checkpoint: "
                     f"{latest_checkpoint(recipe.checkpoint_dir)}")
-        logged = iteration % recipe.logging.interval == 0 or iteration == t.iters or result.skipped
+        evaluation = None
+        if gate is not None and gate.due(iteration):
+            started = time.time()
+            evaluation = gate.run()
+            logger.exclude_time(time.time() - started)  # keep the gate's time out of tokens/s
+        logged = (iteration % recipe.logging.interval == 0 or iteration == t.iters or result.skipped
+                  or evaluation is not None)
         if logged:
-            logger.log(iteration, result.loss, result.lr, result.grad_norm, result.skipped)
+            logger.log(iteration, result.loss, result.lr, result.grad_norm, result.skipped, evaluation)
         faults.point("after_step", iteration)
         stopping = stop.any_rank() or iteration == t.stop_at
         if iteration % recipe.checkpoint.interval == 0 or iteration == t.iters or stopping:
@@ -166,7 +172,12 @@ def run(recipe) -> dict:
             print(recipe.model.layer_pattern.describe(), flush=True)
             print(describe_attention(recipe.model, t.backend, engine.precision), flush=True)
 
-        iteration, reason = train(engine, dataset, logger, stop, start_iteration)
+        gate = None
+        if recipe.eval.interval:
+            from rnope_megatron.eval.gate import EvalGate
+
+            gate = EvalGate(recipe, engine.model, compute_device())
+        iteration, reason = train(engine, dataset, logger, stop, start_iteration, gate)
         logger.close()
         latest = latest_checkpoint(recipe.checkpoint_dir)
         summary = {

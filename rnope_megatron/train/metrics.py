@@ -85,7 +85,10 @@ class MetricsLogger:
     def add_tokens(self, tokens: int) -> None:
         self.window_tokens += tokens
 
-    def log(self, iteration: int, loss: float, lr: float, grad_norm: float, skipped: bool) -> dict:
+    def log(self, iteration: int, loss: float, lr: float, grad_norm: float, skipped: bool,
+            evaluation: dict | None = None) -> dict:
+        """One record; ``evaluation`` (``{task: {length: accuracy}}`` from an eval gate)
+        goes into it as ``"eval"`` and to TensorBoard as ``eval/<task>/<length>``."""
         now = time.time()
         elapsed_window = max(now - self.window_start, 1e-9)
         tokens_per_s = self.window_tokens / elapsed_window
@@ -98,6 +101,8 @@ class MetricsLogger:
             "tokens_per_s": round(tokens_per_s, 1), "tflops_per_device": round(tflops, 4),
             "elapsed_s": round(now - self.start, 2), "eta_s": round(eta, 1), "skipped": skipped,
         }
+        if evaluation:
+            record["eval"] = evaluation
         if self.peak_tflops:
             record["mfu"] = round(tflops / self.peak_tflops, 4)
         self.window_start, self.window_tokens = now, 0
@@ -109,12 +114,18 @@ class MetricsLogger:
                 f"elapsed {_fmt_time(now - self.start)}  eta {_fmt_time(eta)}" + ("  [skipped]" if skipped else ""),
                 flush=True,
             )
+            for task, accuracies in (evaluation or {}).items():
+                print(f"eval   {iteration:6d}  {task}  " + "  ".join(f"{n}: {a:.2f}" for n, a in accuracies.items()),
+                      flush=True)
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
             if self.writer:
                 for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device"):
                     if record[key] is not None:
                         self.writer.add_scalar(f"train/{key}", record[key], iteration)
+                for task, accuracies in (evaluation or {}).items():
+                    for length, accuracy in accuracies.items():
+                        self.writer.add_scalar(f"eval/{task}/{length}", accuracy, iteration)
         return record
 
     def close(self) -> None:

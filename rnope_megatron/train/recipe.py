@@ -2,7 +2,7 @@
 
 A recipe has the sections ``model`` (:class:`RNoPEConfig`), ``parallel``
 (:class:`ParallelLayout`), ``train``, ``optimizer``, ``scheduler``, ``data``,
-``checkpoint``, ``logging`` and ``cluster``. Unknown keys are errors naming their path; ``a.b=value``
+``checkpoint``, ``logging``, ``cluster`` and ``eval``. Unknown keys are errors naming their path; ``a.b=value``
 arguments override values; ``base: other.yaml`` inherits from another recipe, which may
 have a base of its own (a chain such as 128k -> 64k -> ... -> pretrain-8k; a cycle is an
 error naming the chain); a section given as a file name (``model: models/paper-8b.yaml``) is
@@ -174,6 +174,25 @@ class ClusterSection:
 
 
 @dataclasses.dataclass
+class EvalSection:
+    """Retrieval gates on the training model (rnope_megatron.eval.gate): accuracy per
+    length in metrics.jsonl and TensorBoard; the training trajectory is unchanged."""
+
+    interval: int = 0
+    """Evaluate every this many iterations (0 = never)."""
+    tasks: list = dataclasses.field(default_factory=lambda: ["passkey"])
+    """Any of ``passkey``, ``niah`` (see rnope_megatron.eval.tasks)."""
+    lengths: list = dataclasses.field(default_factory=list)
+    """Prompt lengths in tokens, e.g. [256, 1024, 4096] (empty = train.seq_length)."""
+    depths: list = dataclasses.field(default_factory=lambda: [0.0, 0.5, 1.0])
+    """Needle depths in [0, 1] (0 = start of the haystack, 1 = just before the question)."""
+    samples: int = 4
+    """Prompts per (length, depth) cell."""
+    seed: int = 0
+    """Seed of the prompts (their own generator: the data order is untouched)."""
+
+
+@dataclasses.dataclass
 class Recipe:
     """A whole training recipe."""
 
@@ -186,6 +205,7 @@ class Recipe:
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
     cluster: ClusterSection = dataclasses.field(default_factory=ClusterSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
 
     @property
     def run_dir(self) -> pathlib.Path:

@@ -198,6 +198,27 @@ def validate_cluster(recipe: Recipe) -> None:
     by_name(c.gpu, "cluster.gpu")
 
 
+def validate_eval(recipe: Recipe) -> None:
+    e, p = recipe.eval, recipe.parallel
+    if e.interval < 0:
+        raise RecipeError(f"eval.interval={e.interval} must be >= 0 (0 = no evaluation)")
+    if not e.interval:
+        return
+    tasks = ("passkey", "niah")  # rnope_megatron.eval.tasks.TASKS (not imported: torch-free checks)
+    if not e.tasks or any(t not in tasks for t in e.tasks):
+        raise RecipeError(f"eval.tasks={e.tasks} must be a non-empty list of {list(tasks)}")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in e.lengths):
+        raise RecipeError(f"eval.lengths={e.lengths} must be positive integers (tokens)")
+    if not e.depths or any(isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1
+                           for d in e.depths):
+        raise RecipeError(f"eval.depths={e.depths} must be a non-empty list of numbers in [0, 1]")
+    if e.samples < 1:
+        raise RecipeError(f"eval.samples={e.samples} must be >= 1")
+    if p.pipeline > 1 or p.context > 1:
+        raise RecipeError("eval.interval > 0 needs parallel.pipeline=1 and parallel.context=1 (the gate runs one "
+                          "plain forward of the whole model); evaluate checkpoints with rnope-eval instead")
+
+
 def validate_world(recipe: Recipe, world_size: int) -> None:
     """The checks that need the number of processes."""
     p, t = recipe.parallel, recipe.train
@@ -210,7 +231,7 @@ def validate_world(recipe: Recipe, world_size: int) -> None:
 
 
 SECTION_VALIDATORS = (validate_parallel, validate_train, validate_fp8, validate_optimizer, validate_scheduler,
-                      validate_data, validate_checkpoint, validate_logging, validate_cluster)
+                      validate_data, validate_checkpoint, validate_logging, validate_cluster, validate_eval)
 
 
 def validate(recipe: Recipe, world_size: Optional[int] = None) -> None:

@@ -1,0 +1,169 @@
+"""``rnope-eval``: evaluate a checkpoint (or an exported Hugging Face directory).
+
+    rnope-eval passkey --checkpoint DIR --lengths 1k,2k,4k [--depths 0,0.25,0.5,0.75,1]
+                       [--samples N] [--seed S] [--json [FILE]] [--png FILE]
+    rnope-eval niah    (same options; real-text haystack, key-value needle)
+    rnope-eval passkey --hf DIR ...        (an rnope-convert export, run by transformers)
+    rnope-eval loss --checkpoint DIR (--input-ids FILE | --data FILE --length N [--samples N])
+                    [--json [FILE]] [--png FILE]
+
+passkey / niah: accuracy per (length, depth) = share of samples whose greedy answer is
+exactly the hidden key (see :mod:`rnope_megatron.eval.scoring`); lengths in tokens, ``k`` =
+1024. ``--json`` without FILE prints the JSON instead of the table. Every failure a user
+can cause ends in one line ``rnope-eval: ...`` and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+
+def parse_lengths(text: str) -> list[int]:
+    """``1k,2k,4096`` -> [1024, 2048, 4096] (k = 1024, as long-context evaluations count)."""
+    lengths = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        try:
+            value = int(item[:-1]) * 1024 if item.endswith("k") else int(item)
+        except ValueError:
+            raise ValueError(f"--lengths: {item!r} is not a length (e.g. 512, 1k, 16k)") from None
+        if value < 1:
+            raise ValueError(f"--lengths: {item!r} must be positive")
+        lengths.append(value)
+    return lengths
+
+
+def parse_depths(text: str) -> list[float]:
+    depths = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"--depths: {item!r} is not a number in [0, 1]") from None
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"--depths: {value} is outside [0, 1]")
+        depths.append(value)
+    return depths
+
+
+def _write_json(result: dict, target) -> None:
+    if target and target != "-":
+        path = pathlib.Path(target)
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"--json {path}: folder {path.parent} does not exist")
+        path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def retrieval_command(task: str, args) -> dict:
+    """Build the grid, score it, write the outputs (see module docstring)."""
+    from rnope_megatron.eval import models, plots
+    from rnope_megatron.eval.scoring import by_length, default_batch_size, evaluate_grid
+    from rnope_megatron.eval.tasks import build_grid, minimum_length
+
+    lengths, depths = parse_lengths(args.lengths), parse_depths(args.depths)
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    if args.png and not pathlib.Path(args.png).parent.is_dir():
+        raise FileNotFoundError(f"--png {args.png}: folder {pathlib.Path(args.png).parent} does not exist")
+    started = time.time()
+    model = models.load(args.checkpoint, args.hf, args.threads)
+    shortest = minimum_length(task, model.tokenizer)
+    too_short = [n for n in lengths if n < shortest]
+    if too_short:
+        raise ValueError(f"--lengths: {too_short} too short for a {task} prompt (at least {shortest} tokens)")
+    grid = build_grid(task, lengths, depths, args.samples, args.seed, model.tokenizer)
+
+    def progress(row):
+        if not args.quiet:
+            print(f"  length {row['length']:6d}  depth {row['depth']:.2f}  accuracy {row['accuracy']:.2f}  "
+                  f"({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
+
+    rows = []
+    for length in lengths:
+        batch = args.batch_size or default_batch_size(length)
+        rows += evaluate_grid(model.logits, {k: v for k, v in grid.items() if k[0] == length}, batch, progress)
+    result = {
+        "task": task, "model": model.description, "lengths": lengths, "depths": depths,
+        "samples": args.samples, "seed": args.seed,
+        "scoring": "exact match of the greedy answer (teacher-forced argmax over every answer token)",
+        "accuracy_by_length": {str(k): v for k, v in by_length(rows).items()},
+        "token_accuracy_by_length": {str(k): v for k, v in by_length(rows, "token_accuracy").items()},
+        "cells": rows, "seconds": round(time.time() - started, 2),
+    }
+    _write_json(result, args.json)
+    if args.png:
+        plots.heatmap(rows, f"{task}: {pathlib.Path(model.description['source']).name}", args.png)
+    return result
+
+
+def _table(result: dict) -> str:
+    depths, lengths = result["depths"], result["lengths"]
+    cell = {(r["length"], r["depth"]): r["accuracy"] for r in result["cells"]}
+    lines = [f"{result['task']} exact-match accuracy ({result['samples']} samples per cell)",
+             "depth   " + "".join(f"{n:>8d}" for n in lengths)]
+    for d in depths:
+        lines.append(f"{d:<8.2f}" + "".join(f"{cell[(n, d)]:8.2f}" for n in lengths))
+    lines.append("mean    " + "".join(f"{result['accuracy_by_length'][str(n)]:8.2f}" for n in lengths))
+    return "\n".join(lines)
+
+
+def loss_main(args) -> dict:
+    from rnope_megatron.eval.loss import loss_command, write_loss_outputs
+
+    if args.png and not pathlib.Path(args.png).parent.is_dir():
+        raise FileNotFoundError(f"--png {args.png}: folder {pathlib.Path(args.png).parent} does not exist")
+    result = loss_command(args.checkpoint, args.input_ids, args.data, args.length, args.samples, args.seed)
+    write_loss_outputs(result, args.json if args.json not in (None, "-") else None, args.png,
+                       f"per-position loss: {pathlib.Path(args.checkpoint).name}")
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rnope-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for task in ("passkey", "niah"):
+        p = sub.add_parser(task, help=f"{task} retrieval accuracy per (length, depth)")
+        p.add_argument("--checkpoint", help="rnope-train checkpoint (iter_N or its parent; any layout)")
+        p.add_argument("--hf", help="Hugging Face directory written by rnope-convert to-hf")
+        p.add_argument("--lengths", required=True, help="comma-separated, e.g. 1k,2k,4k (k = 1024 tokens)")
+        p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
+        p.add_argument("--samples", type=int, default=10, help="samples per (length, depth) cell")
+        p.add_argument("--seed", type=int, default=0, help="seed of keys and haystack stretches")
+        p.add_argument("--batch-size", type=int, default=None, help="rows per forward (default ~16k tokens)")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        p.add_argument("--json", nargs="?", const="-", help="write JSON to FILE (no FILE: print it)")
+        p.add_argument("--png", help="heatmap PNG")
+        p.add_argument("--quiet", action="store_true", help="no per-cell progress on stderr")
+    p = sub.add_parser("loss", help="mean and per-position next-token loss")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--input-ids", help=".npy or .json token ids [batch, seq]")
+    p.add_argument("--data", help="YAML: a recipe with a data: section, or the section alone")
+    p.add_argument("--length", type=int, help="tokens per sample with --data")
+    p.add_argument("--samples", type=int, default=8, help="samples with --data")
+    p.add_argument("--seed", type=int, default=0, help="sample order with --data")
+    p.add_argument("--json", nargs="?", const="-", help="write JSON to FILE (no FILE: print it)")
+    p.add_argument("--png", help="per-position loss PNG")
+    return parser
+
+
+def main(argv=None) -> int:
+    from rnope_megatron.cli import one_line_errors, quiet_known_warnings
+
+    args = _parser().parse_args(argv)
+    quiet_known_warnings()
+    with one_line_errors("rnope-eval"):
+        if args.command == "loss":
+            result = loss_main(args)
+            if args.json == "-":
+                print(json.dumps(result))
+            else:
+                print(f"loss {result['loss']:.6f} over {result['tokens']} tokens")
+        else:
+            result = retrieval_command(args.command, args)
+            print(json.dumps(result) if args.json == "-" else _table(result))
+    return 0

@@ -1,0 +1,80 @@
+"""Evaluation gates: retrieval accuracy of the *training* model every ``eval.interval``
+iterations (the recipe's ``eval:`` section), logged to metrics.jsonl and TensorBoard.
+
+A gate must not change the training trajectory, so it reads nothing training reads and
+writes nothing training uses:
+
+* prompts come from :mod:`.tasks` (their own seeded :class:`random.Random`), not from the
+  dataset, so the data order (a pure function of the iteration) is untouched;
+* the forward runs under ``torch.no_grad`` in eval mode and inside ``torch.random.fork_rng``
+  (torch's CPU and CUDA generators are restored afterwards, even if something drew from
+  them), so no gradient, optimizer state or random state moves;
+* the gate is a pure function of (weights, eval section), so a resumed run logs the same
+  accuracies a run that was never killed logs.
+
+Every rank runs the same prompts (tensor-parallel ranks must: the forward is collective);
+vocab-sharded logits are gathered before the argmax. Pipeline and context parallelism
+are refused by validation (the forward there is a scheduled, split one).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rnope_megatron.eval.scoring import by_length, default_batch_size, evaluate_grid
+from rnope_megatron.eval.tasks import build_grid, minimum_length
+
+
+class EvalGate:
+    """Retrieval tasks on model chunk 0 of the engine (PP=1: the whole model)."""
+
+    def __init__(self, recipe, model_chunks: list, device):
+        from rnope_megatron.data.tokenizers import make_tokenizer
+
+        e = recipe.eval
+        self.interval = e.interval
+        self.model = model_chunks[0]
+        self.device = device
+        tokenizer = make_tokenizer(recipe.data.tokenizer)
+        self.lengths = list(e.lengths or [recipe.train.seq_length])
+        self.grids = {}
+        for task in e.tasks:
+            shortest = minimum_length(task, tokenizer)
+            too_short = [n for n in self.lengths if n < shortest]
+            if too_short:
+                raise ValueError(f"eval.lengths: {too_short} too short for a {task} prompt with "
+                                 f"data.tokenizer={recipe.data.tokenizer} (at least {shortest} tokens)")
+            # built once: identical prompts at every gate, on every rank, in every run
+            self.grids[task] = build_grid(task, self.lengths, e.depths, e.samples, e.seed, tokenizer)
+
+    def due(self, iteration: int) -> bool:
+        return self.interval > 0 and iteration % self.interval == 0
+
+    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        ids = ids.to(self.device)
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        logits = self.model(ids, positions, None)
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            logits = gather_from_tensor_model_parallel_region(logits)  # vocab-sharded -> whole
+        return logits.float()
+
+    def run(self) -> dict:
+        """``{task: {length: accuracy}}`` (mean over depths and samples), keys as strings."""
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                results = {}
+                for task, grid in self.grids.items():
+                    rows = []
+                    for length in self.lengths:
+                        cells = {k: v for k, v in grid.items() if k[0] == length}
+                        rows += evaluate_grid(self._logits, cells, default_batch_size(length))
+                    results[task] = {str(n): acc for n, acc in by_length(rows).items()}
+        finally:
+            self.model.train(was_training)
+        return results

@@ -1,0 +1,166 @@
+"""``rnope-eval loss``: next-token loss of a checkpoint, overall and per position.
+
+Input is either token ids from a file (``--input-ids``: ``.npy`` or ``.json``, shape
+[batch, seq], integers in [0, vocab)) or samples of a dataset described like the
+trainer's ``data:`` section (``--data FILE``: a recipe holding a ``data:`` section, or
+that section alone), cut at ``--length`` tokens. Per-position loss is averaged over the
+batch and over octave bins of positions ([1, 2), [2, 4), ... [L/2, L)): a model that uses
+its context keeps lowering the loss with position, also past the training length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import tempfile
+
+import torch
+
+
+def _ids_from_json(path: pathlib.Path) -> list:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
+        raise ValueError(f"{path}: expected a list of token-id lists [batch][seq]")
+    if len({len(row) for row in rows}) > 1:
+        raise ValueError(f"{path}: rows have different lengths {sorted({len(row) for row in rows})} (ragged)")
+    for row in rows:
+        for value in row:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{path}: token ids must be integers, found {value!r}")
+    return rows
+
+
+def read_ids(path) -> torch.Tensor:
+    """Token ids [batch, seq >= 2] from ``.npy`` or ``.json``; anything but non-negative
+    integers of that shape is refused (floats and bools are not silently truncated)."""
+    import numpy
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    if path.suffix == ".npy":
+        try:
+            array = numpy.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise ValueError(f"{path}: not a numpy .npy array ({err})") from None
+        if array.dtype.kind not in "iu":
+            raise ValueError(f"{path}: token ids must be integers, got dtype {array.dtype}")
+        ids = torch.from_numpy(array.astype(numpy.int64))
+    elif path.suffix == ".json":
+        ids = torch.tensor(_ids_from_json(path), dtype=torch.long)
+    else:
+        raise ValueError(f"{path}: expected .npy or .json")
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise ValueError(f"{path}: expected shape [batch >= 1, seq >= 2], got {list(ids.shape)}")
+    if int(ids.min()) < 0:
+        raise ValueError(f"{path}: token id {int(ids.min())} is negative")
+    return ids
+
+
+def per_position_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """Loss of each predicted token, averaged over the batch: [seq - 1] (float64)."""
+    with torch.no_grad():
+        tokens, labels = ids[:, :-1], ids[:, 1:]
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        return model(tokens, positions, None, labels=labels).double().mean(dim=0)
+
+
+def octave_bins(curve: torch.Tensor) -> list[dict]:
+    """Mean loss over positions [2^k, 2^(k+1)) (position p predicts token p + 1; the first
+    bin also holds position 0)."""
+    bins, start, end = [], 0, 2
+    while start < curve.numel():
+        stop = min(end, curve.numel())
+        bins.append({"start": start, "end": stop, "loss": curve[start:stop].mean().item()})
+        start, end = stop, end * 2
+    return bins
+
+
+def _data_section(path) -> dict:
+    """The ``data:`` section of a recipe file (its base and section files resolved), or
+    the file's mapping itself when it is a bare data section."""
+    import yaml
+
+    from rnope_megatron.train.recipe import read_yaml
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"--data {path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--data {path}: expected a mapping (a recipe or its data: section)")
+    if "data" in raw or "base" in raw:
+        return read_yaml(path).get("data") or {}
+    return raw
+
+
+def dataset_ids(data_file, cfg, length: int, samples: int, seed: int) -> torch.Tensor:
+    """``samples`` sequences of ``length`` tokens from the data section in ``data_file``,
+    built by the trainer's own dataset code (same blend, tokenizer and retrieval mix)."""
+    from rnope_megatron.data.dataset import build_dataset
+    from rnope_megatron.train.recipe import recipe_from_dict
+
+    data = _data_section(data_file)
+    recipe = recipe_from_dict({"model": dataclasses.asdict(cfg), "data": data,
+                               "train": {"seq_length": length - 1, "seed": seed}})
+    cache = pathlib.Path(recipe.data.cache_dir) if recipe.data.cache_dir else None
+    with tempfile.TemporaryDirectory(prefix="rnope-eval-data-") as scratch:
+        dataset = build_dataset(recipe, cache or pathlib.Path(scratch), samples)
+        # GPTDataset returns tokens/labels shifted by one: rebuild the length-token rows
+        rows = [torch.cat([dataset[i]["tokens"][:1], dataset[i]["labels"]]) for i in range(samples)]
+    return torch.stack(rows).long()
+
+
+def loss_command(checkpoint, input_ids=None, data=None, length=None, samples=8, seed=0) -> dict:
+    """Mean loss and its per-position profile in octave bins (see module docstring)."""
+    from rnope_megatron.checkpoint.layout import resolve, saved_recipe
+    from rnope_megatron.checkpoint.reader import load_model
+    from rnope_megatron.distributed import ensure_single_process
+    from rnope_megatron.eval.models import quiet_checkpoint_reading
+
+    if bool(input_ids) == bool(data):
+        raise ValueError("give exactly one of --input-ids FILE or --data FILE")
+    if data is not None and (length is None or length < 2):
+        raise ValueError("--data needs --length N (N >= 2 tokens per sample)")
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {samples}")
+    ids = read_ids(input_ids) if input_ids else None
+    source = resolve(checkpoint)
+    trained = (saved_recipe(source).get("train") or {}).get("seq_length")
+    ensure_single_process()
+    with quiet_checkpoint_reading():
+        cfg, model = load_model(source)
+    if ids is None:
+        ids = dataset_ids(data, cfg, length, samples, seed)
+    if int(ids.max()) >= cfg.vocab_size:
+        where = input_ids or f"--data {data}"
+        raise ValueError(f"{where}: token id {int(ids.max())} >= model.vocab_size={cfg.vocab_size}")
+    curve = per_position_loss(model, ids)
+    result = {"loss": curve.mean().item(), "tokens": (ids.shape[1] - 1) * ids.shape[0],
+              "batch": ids.shape[0], "length": ids.shape[1], "trained_length": trained,
+              "per_position": octave_bins(curve)}
+    if trained and ids.shape[1] - 1 > trained:
+        result["loss_within_trained_length"] = curve[:trained].mean().item()
+        result["loss_beyond_trained_length"] = curve[trained:].mean().item()
+    return result
+
+
+def write_loss_outputs(result: dict, json_path=None, png=None, title="") -> None:
+    """The result as JSON at ``json_path`` and its per-position curve as a PNG."""
+    if json_path:
+        pathlib.Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    if png:
+        from rnope_megatron.eval.plots import loss_curve
+
+        bins = result["per_position"]
+        # plot each bin at its geometric centre (log-scaled x axis)
+        xs = [max(1, math.sqrt(max(b["start"], 1) * b["end"])) for b in bins]
+        loss_curve(xs, [b["loss"] for b in bins], result["trained_length"], title, png)
