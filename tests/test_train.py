@@ -93,6 +93,11 @@ def test_kill_9_and_resume_is_bit_exact(tmp_path, data_cache):
     out = train(killed, *common)
     assert f"resumed from {killed}/checkpoints/iter_0000004" in out.stdout
     assert [m["iteration"] for m in metrics(killed)] == list(range(1, 11))  # each iteration once
+    # the state after every iteration (iterations 1-4: the killed process; 5-10: the resumed one)
+    digests = {name: {m["iteration"]: m["state_digest"] for m in metrics(run)} for name, run in
+               (("full", full), ("killed", killed))}
+    differing = [i for i in range(1, 11) if digests["killed"][i] != digests["full"][i]]
+    assert not differing, f"states differ after iterations {differing} (1-4 ran before the kill, 5-10 after the resume)"
     assert losses(killed) == losses(full)  # bit-exact, every iteration
     assert exit_status(killed)["state_digest"] == exit_status(full)["state_digest"]
     kept = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("iter_"))

@@ -115,12 +115,15 @@ def train(engine, dataset, logger, stop: StopRequest, start_iteration: int, gate
         logged = (iteration % recipe.logging.interval == 0 or iteration == t.iters or result.skipped
                   or evaluation is not None)
         if logged:
-            logger.log(iteration, result.loss, result.lr, result.grad_norm, result.skipped, evaluation)
+            # a digest per record (train.state_digest): a divergence is located to its iteration
+            digest = state_digest(engine) if t.state_digest else None  # collective: every rank
+            logger.log(iteration, result.loss, result.lr, result.grad_norm, result.skipped, evaluation, digest)
         faults.point("after_step", iteration)
         stopping = stop.any_rank() or iteration == t.stop_at
         if iteration % recipe.checkpoint.interval == 0 or iteration == t.iters or stopping:
             if not logged:  # a record at every checkpoint: a resume never skips unlogged tokens
-                logger.log(iteration, result.loss, result.lr, result.grad_norm, result.skipped)
+                logger.log(iteration, result.loss, result.lr, result.grad_norm, result.skipped,
+                           state_digest=state_digest(engine) if t.state_digest else None)
             started = time.time()
             path = save_training_state(engine, recipe.checkpoint_dir, iteration, recipe.checkpoint.keep)
             logger.exclude_time(time.time() - started)  # keep the save's time out of tokens/s

@@ -86,7 +86,7 @@ class MetricsLogger:
         self.window_tokens += tokens
 
     def log(self, iteration: int, loss: float, lr: float, grad_norm: float, skipped: bool,
-            evaluation: dict | None = None) -> dict:
+            evaluation: dict | None = None, state_digest: str | None = None) -> dict:
         """One record; ``evaluation`` (``{task: {length: accuracy}}`` from an eval gate)
         goes into it as ``"eval"`` and to TensorBoard as ``eval/<task>/<length>``."""
         now = time.time()
@@ -103,6 +103,8 @@ class MetricsLogger:
         }
         if evaluation:
             record["eval"] = evaluation
+        if state_digest:  # train.state_digest: parameters and optimizer state after this step
+            record["state_digest"] = state_digest
         if self.peak_tflops:
             record["mfu"] = round(tflops / self.peak_tflops, 4)
         self.window_start, self.window_tokens = now, 0

@@ -66,7 +66,8 @@ class TrainSection:
     None = torch's default (the machine's cores)."""
     state_digest: bool = False
     """At the end, print a SHA-256 of every parameter and optimizer state (also in
-    ``exit_status.json``): runs with equal digests ended in bit-identical states."""
+    ``exit_status.json``), and put one in each metrics.jsonl record: runs with equal
+    digests hold bit-identical states, and the first unequal record locates a divergence."""
     fp8: Optional[FP8Section] = None
     """FP8 through Transformer Engine (see :class:`rnope_megatron.precision.FP8Section`):
     recipe, per-layer attention policy, bf16 first/last layers. None = no FP8."""
