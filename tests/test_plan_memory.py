@@ -59,10 +59,13 @@ def _live_state_bytes(engine) -> int:
 
 
 def measure(tmp_path, overrides):
+    """Peak bytes of a warm train step, in the session's one-process group (tests/conftest.py:
+    ``megatron_single``; tearing it down here broke every later test that uses it)."""
     from torch.profiler import ProfilerActivity, profile
 
     from rnope_megatron.data.dataset import build_dataset
-    from rnope_megatron.distributed import initialize_parallel, shutdown_parallel
+    from rnope_megatron.config import ParallelLayout
+    from rnope_megatron.distributed import initialize_parallel
     from rnope_megatron.train.engine import Engine
 
     recipe = load_recipe(RECIPE, ["data.source=synthetic-retrieval", "train.layout_invariant_init=false",
@@ -79,7 +82,7 @@ def measure(tmp_path, overrides):
         params = sum(p.numel() for chunk in engine.model for p in chunk.parameters())
         return recipe, _live_state_bytes(engine) + _allocator_peak(profiler), params
     finally:
-        shutdown_parallel()
+        initialize_parallel(ParallelLayout())  # the session's layout again (TP=PP=CP=1)
         torch.set_num_threads(threads)
 
 
@@ -92,7 +95,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("overrides", CASES.values(), ids=CASES.keys())
-def test_memory_model_matches_measured_peak_on_cpu(tmp_path, overrides):
+def test_memory_model_matches_measured_peak_on_cpu(megatron_single, tmp_path, overrides):
     recipe, measured, params = measure(tmp_path, overrides)
     setup = Setup.of(recipe, data_parallel=1, on_gpu=False)
     assert stage_params(recipe.model, setup, 0) == params  # the parameter count is exact

@@ -64,7 +64,10 @@ def slurm(tmp_path):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PY": sys.executable,
+    # the session's process group (tests/conftest.py) puts MASTER_ADDR/PORT in os.environ;
+    # a SLURM job inherits only what its submitter set, and the script honours a MASTER_PORT
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env = {**inherited, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PY": sys.executable,
            "FAKE_DIR": str(tmp_path), "FAKE_RUN_DIR": str(run_dir), "FAKE_LOG": str(tmp_path / "scontrol.log"),
            "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_ID": "4242",
            "SLURM_JOB_NODELIST": "node[1-2]", "PYTHONPATH": str(ROOT)}
