@@ -1,25 +1,28 @@
 """Which layers each pipeline rank holds, per virtual pipeline chunk.
 
-The assignment is Megatron's (``get_transformer_layer_offset`` with an even split): chunk
-``v`` of pipeline rank ``r`` holds the ``L/(PP·VPP)`` layers starting after
-``v·L/VPP + r·L/(PP·VPP)``. Layer kinds come from :mod:`rnope_megatron.pattern`.
+Megatron decides it (``get_transformer_layer_offset`` and ``get_num_layers_to_build``,
+through :func:`rnope_megatron.specs.stage_layer_numbers`, the function the model's specs
+are built with), so the plan cannot drift from what a run builds; they need no process
+group when the rank is given. Layer kinds come from :mod:`rnope_megatron.pattern`.
 """
 
 from __future__ import annotations
 
 
-def chunk_layers(num_layers: int, pipeline: int, virtual: int | None, rank: int, chunk: int) -> list[int]:
+def chunk_layers(model, pipeline: int, virtual: int | None, rank: int, chunk: int) -> list[int]:
     """Megatron's global 1-based layer numbers of ``chunk`` on pipeline ``rank``."""
-    vpp = virtual or 1
-    per_chunk = num_layers // (pipeline * vpp)
-    first = chunk * (num_layers // vpp) + rank * per_chunk
-    return list(range(first + 1, first + per_chunk + 1))
+    from rnope_megatron.config import ParallelLayout
+    from rnope_megatron.specs import stage_layer_numbers
+
+    # Tensor/context sizes do not move layers: a config with only the pipeline layout.
+    config = model.to_transformer_config(ParallelLayout(pipeline=pipeline, virtual_pipeline=virtual))
+    return stage_layer_numbers(config, chunk if virtual else None, rank)
 
 
 def stage_layers(model, parallel, rank: int) -> list[int]:
     """Every layer number pipeline ``rank`` holds, over its chunks."""
     return [n for chunk in range(parallel.virtual_pipeline or 1)
-            for n in chunk_layers(model.num_layers, parallel.pipeline, parallel.virtual_pipeline, rank, chunk)]
+            for n in chunk_layers(model, parallel.pipeline, parallel.virtual_pipeline, rank, chunk)]
 
 
 def layer_map(model, parallel) -> list[dict]:
@@ -33,7 +36,7 @@ def layer_map(model, parallel) -> list[dict]:
         chunks = []
         for chunk in range(parallel.virtual_pipeline or 1):
             layers = []
-            for number in chunk_layers(model.num_layers, parallel.pipeline, parallel.virtual_pipeline, rank, chunk):
+            for number in chunk_layers(model, parallel.pipeline, parallel.virtual_pipeline, rank, chunk):
                 kind = pattern.kind(number)
                 layers.append({"layer": number, "kind": kind.letter,
                                "attention": f"window {model.window}" if kind.sliding else "global",
