@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from rnope_megatron.config import RNoPEConfig
 from rnope_megatron.specs import block_spec
 
@@ -71,6 +73,14 @@ def build_model(
     if backend == "te" and model.normalization == "LayerNorm":
         freeze_norm_biases(gpt)
     return gpt
+
+
+def run_model(model, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """A GPTModel forward as training runs it: positions 0..L-1 and no attention mask (the
+    causal mask and the window come from the specs). Logits, or the per-token loss when
+    ``labels`` are given. The trainer, evaluation and quantization all call this one."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    return model(tokens, positions, None, labels=labels)
 
 
 def freeze_norm_biases(model) -> list[str]:

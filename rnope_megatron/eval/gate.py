@@ -55,8 +55,9 @@ class EvalGate:
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
         ids = ids.to(self.device)
-        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        logits = self.model(ids, positions, None)
+        from rnope_megatron.model import run_model
+
+        logits = run_model(self.model, ids)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             logits = gather_from_tensor_model_parallel_region(logits)  # vocab-sharded -> whole
         return logits.float()

@@ -66,8 +66,9 @@ def per_position_loss(model, ids: torch.Tensor) -> torch.Tensor:
     """Loss of each predicted token, averaged over the batch: [seq - 1] (float64)."""
     with torch.no_grad():
         tokens, labels = ids[:, :-1], ids[:, 1:]
-        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-        return model(tokens, positions, None, labels=labels).double().mean(dim=0)
+        from rnope_megatron.model import run_model
+
+        return run_model(model, tokens, labels).double().mean(dim=0)
 
 
 def octave_bins(curve: torch.Tensor) -> list[dict]:

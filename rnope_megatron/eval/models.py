@@ -50,8 +50,9 @@ def megatron_logits(model) -> LogitsFn:
 
     @torch.no_grad()
     def logits(ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(ids.shape[1]).expand_as(ids)
-        return model(ids, positions, None)
+        from rnope_megatron.model import run_model
+
+        return run_model(model, ids)
 
     return logits
 

@@ -74,14 +74,11 @@ class Progress:
               file=self.out, flush=True)
 
 
-def _forward(model, tokens: torch.Tensor, labels: torch.Tensor | None = None):
-    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    return model(tokens, positions, None, labels=labels)
-
-
 def calibration_loop(batches: list, every: float = 5.0):
     """The ``forward_loop`` for ``mtq.quantize``: runs every calibration batch. modelopt
     calls it once per calibration pass (AWQ runs two), so passes are numbered."""
+    from rnope_megatron.model import run_model
+
     passes = [0]
 
     def loop(model) -> None:
@@ -89,7 +86,7 @@ def calibration_loop(batches: list, every: float = 5.0):
         progress = Progress(len(batches), f"calibration pass {passes[0]}", every)
         with torch.no_grad():
             for index, tokens in enumerate(batches, 1):
-                _forward(model, tokens)
+                run_model(model, tokens)
                 progress.step(index)
 
     return loop
@@ -98,9 +95,11 @@ def calibration_loop(batches: list, every: float = 5.0):
 @torch.no_grad()
 def mean_loss(model, batches: list) -> float:
     """Mean next-token cross entropy over every evaluation token."""
+    from rnope_megatron.model import run_model
+
     total, count = 0.0, 0
     for tokens in batches:
-        per_token = _forward(model, tokens[:, :-1], tokens[:, 1:])
+        per_token = run_model(model, tokens[:, :-1], tokens[:, 1:])
         total += per_token.double().sum().item()
         count += per_token.numel()
     return total / max(count, 1)

@@ -20,7 +20,7 @@ from rnope_megatron.data.dataset import batch_for
 from rnope_megatron.distributed import compute_device
 from rnope_megatron.fusions import fusion_overrides
 from rnope_megatron.layout_invariant_init import fill_from_global, seeded_full_tensor
-from rnope_megatron.model import build_model
+from rnope_megatron.model import build_model, run_model
 from rnope_megatron.precision import Platform, plan_precision
 
 
@@ -183,8 +183,7 @@ class Engine:
 
             batch = get_batch_on_this_cp_rank(dict(batch), False, self.cp_group)
         tokens = batch["tokens"]
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        output = model(tokens, positions, None, labels=batch["labels"])
+        output = run_model(model, tokens, batch["labels"])
 
         def loss_func(per_token_loss):
             mask = batch["loss_mask"].to(per_token_loss.device).float()
