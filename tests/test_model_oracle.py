@@ -122,3 +122,17 @@ def test_parallel_block_is_x_plus_attn_plus_mlp_of_one_norm(megatron_single):
         ref_norm = torch.nn.functional.layer_norm(x, (64,), layer.input_layernorm.weight, None, 1e-5)
     torch.testing.assert_close(out, expected, **TOL)
     torch.testing.assert_close(normed, ref_norm, **TOL)
+
+
+@pytest.mark.parametrize("output_init_std, expected", [(None, 0.05 / (2 * 4) ** 0.5), (0.05, 0.05)])
+def test_output_init_std_sets_the_residual_output_projections(megatron_single, output_init_std, expected):
+    """model.output_init_std: None keeps Megatron's scaled init (std / sqrt(2 L)) on the
+    attention output and MLP fc2; a value replaces it. Other matrices keep init_method_std."""
+    cfg = tiny_config(init_method_std=0.05, output_init_std=output_init_std, hidden_size=128,
+                      ffn_hidden_size=256)
+    model = build_model(cfg, cfg.to_transformer_config())
+    for name, param in model.named_parameters():
+        if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+            assert param.std().item() == pytest.approx(expected, rel=0.05), name
+        elif name.endswith(("linear_qkv.weight", "linear_fc1.weight")):
+            assert param.std().item() == pytest.approx(0.05, rel=0.05), name

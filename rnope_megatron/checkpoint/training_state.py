@@ -26,7 +26,7 @@ from rnope_megatron.quantize.state import checkpoint_entries as quantizer_entrie
 # Model fields that may differ between a checkpoint and the run that loads it: the
 # sequence length (a long-context stage, no RoPE rescaling), and settings that change
 # no weight's meaning (initialisation, dropout).
-MAY_CHANGE = ("max_seq_length", "init_method_std", "hidden_dropout", "attention_dropout")
+MAY_CHANGE = ("max_seq_length", "init_method_std", "output_init_std", "hidden_dropout", "attention_dropout")
 
 
 def chunk_keys(num_chunks: int) -> list[str]:
