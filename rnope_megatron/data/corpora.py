@@ -4,6 +4,7 @@ key-value lookups) whose answers can only be predicted by retrieving them."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import random
 import sysconfig
@@ -46,22 +47,41 @@ def key_value_question(probe: str) -> str:
     return f' The value of key "{probe}" is "'
 
 
-def retrieval_documents(count: int, length: int, seed: int) -> Iterator[str]:
-    """Synthetic long-context retrieval: a passkey or key-value pairs buried in filler,
-    then the question and answer. The answer is only predictable by retrieving it."""
+@dataclasses.dataclass(frozen=True)
+class RetrievalDocument:
+    """One case of the retrieval mix before its haystack is laid: the ``needle`` goes at
+    relative ``depth`` of the haystack, then come the ``question``, the ``answer`` (the one
+    thing only retrieval predicts) and the ``tail`` closing the document."""
+
+    needle: str
+    question: str
+    answer: str
+    tail: str
+    depth: float
+
+    def text(self, haystack: str) -> str:
+        cut = round(self.depth * len(haystack))
+        return haystack[:cut] + self.needle + haystack[cut:] + self.question + self.answer + self.tail
+
+
+RETRIEVAL_TASKS = ("passkey", "key_value")
+
+
+def retrieval_documents(count: int, seed: int, tasks=RETRIEVAL_TASKS, max_pairs: int = 8) -> Iterator[RetrievalDocument]:
+    """Synthetic long-context retrieval cases, taking ``tasks`` in turn: ``passkey`` (a
+    5-digit key) and ``key_value`` (``max_pairs`` pairs of 6 hex digits, one of them asked
+    for). The haystack is
+    the caller's: :mod:`rnope_megatron.data.dataset` fills each case with the repeated
+    ``FILLER`` up to exactly one training sequence, as ``rnope-eval passkey`` does up to
+    its evaluated length, so an evaluation at the training length is in distribution and
+    longer ones differ only in length."""
     rng = random.Random(seed)
-    filler = FILLER
     for i in range(count):
-        if i % 2 == 0:
+        if tasks[i % len(tasks)] == "passkey":
             key = str(rng.randrange(10_000, 100_000))
-            needle = passkey_needle(key)
-            question = f"{passkey_question()} {key}."
+            yield RetrievalDocument(passkey_needle(key), passkey_question(), f" {key}", ".", rng.random())
         else:
-            pairs = {f"{rng.randrange(16**6):06x}": f"{rng.randrange(16**6):06x}" for _ in range(8)}
-            needle = key_value_needle(pairs)
+            pairs = {f"{rng.randrange(16**6):06x}": f"{rng.randrange(16**6):06x}" for _ in range(max_pairs)}
             probe = rng.choice(list(pairs))
-            question = f'{key_value_question(probe)}{pairs[probe]}".'
-        body_len = max(0, length - len(needle) - len(question))
-        body = (filler * (body_len // len(filler) + 1))[:body_len]
-        cut = rng.randrange(0, body_len + 1)
-        yield body[:cut] + needle + body[cut:] + question
+            yield RetrievalDocument(key_value_needle(pairs), key_value_question(probe), pairs[probe], '".',
+                                    rng.random())

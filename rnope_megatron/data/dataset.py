@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 import numpy
 import torch
 
-from rnope_megatron.data.corpora import retrieval_documents, stdlib_documents
+from rnope_megatron.data.corpora import FILLER, retrieval_documents, stdlib_documents
 from rnope_megatron.data.indexed import token_dtype, write_indexed
 from rnope_megatron.data.tokenizers import make_tokenizer
 
@@ -31,9 +31,63 @@ def documents_with_eod(texts: Iterable[str], tokenizer) -> Iterator[numpy.ndarra
         yield doc
 
 
-def _ensure(prefix: pathlib.Path, make_docs, tokenizer) -> str:
+def retrieval_token_documents(documents, tokenizer, length: int, no_loss_offset: int = 0) -> Iterator[numpy.ndarray]:
+    """Token arrays of retrieval cases of exactly ``length`` tokens each, the last one the
+    end-of-document id: haystack (the repeated filler) with the needle at the case's
+    depth, question, answer and tail, the pieces tokenized apart as ``rnope-eval`` builds
+    its prompts. Cases of a whole training sequence (``length = seq_length``) line up with
+    Megatron's samples, one case per sample: no case is cut in two, and no earlier
+    needle sits before the question as a distractor. A case that cannot fit (a very short
+    ``seq_length``) is written without haystack. With a ``no_loss_offset``, every id but
+    the answer's is stored plus that offset: the mark :class:`AnswerOnlyLoss` turns into a
+    zero loss mask."""
+    dtype = token_dtype(2 * no_loss_offset if no_loss_offset else tokenizer.vocab_size)
+    # at least `length` characters: a token is at least one character
+    filler = numpy.asarray(tokenizer.tokenize_array(FILLER * (length // len(FILLER) + 2)),
+                           dtype=numpy.int64)
+    for doc in documents:
+        needle, question, answer, tail = (numpy.asarray(tokenizer.tokenize_array(part), dtype=numpy.int64)
+                                          for part in (doc.needle, doc.question, doc.answer, doc.tail))
+        room = max(0, length - 1 - needle.size - question.size - answer.size - tail.size)
+        cut = round(doc.depth * room)
+        prompt = numpy.concatenate([filler[:cut], needle, filler[cut:room], question])
+        yield numpy.concatenate([prompt + no_loss_offset, answer, tail + no_loss_offset,
+                                 [tokenizer.eod + no_loss_offset]]).astype(dtype)
+
+
+def no_loss_offset(vocab_size: int) -> int:
+    """The mark of a no-loss token in the answers-only retrieval mix: the smallest power of
+    two not below the model's vocabulary (real ids stay below it, marked ones above)."""
+    return 1 << max(0, (vocab_size - 1).bit_length())
+
+
+class AnswerOnlyLoss(torch.utils.data.Dataset):
+    """A GPTDataset (or BlendedDataset) whose retrieval-mix tokens carry the no-loss mark
+    (``data.retrieval_loss: answers``): samples come back with real ids and a loss mask
+    that is zero where the label was marked, so the retrieval documents train only their
+    answers while every other source keeps its full loss. Megatron's GPTDataset has no
+    per-token mask of its own beyond EOD/padding; the mark travels inside the token
+    stream, so blending, shuffling and the index caches stay Megatron's."""
+
+    def __init__(self, dataset, offset: int):
+        self.dataset, self.offset = dataset, offset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        sample = dict(self.dataset[index])
+        marked = sample["labels"] >= self.offset
+        sample["loss_mask"] = sample["loss_mask"] * (~marked).to(sample["loss_mask"].dtype)
+        sample["tokens"] = sample["tokens"] % self.offset
+        sample["labels"] = sample["labels"] % self.offset
+        return sample
+
+
+def _ensure(prefix: pathlib.Path, make_docs, tokenizer, to_tokens=None, vocab_size=None) -> str:
     if not pathlib.Path(str(prefix) + ".idx").exists():
-        write_indexed(prefix, documents_with_eod(make_docs(), tokenizer), tokenizer.vocab_size)
+        to_tokens = to_tokens or documents_with_eod
+        write_indexed(prefix, to_tokens(make_docs(), tokenizer), vocab_size or tokenizer.vocab_size)
     return str(prefix)
 
 
@@ -52,15 +106,19 @@ def dataset_prefixes(recipe, cache_dir: pathlib.Path, tokenizer) -> tuple[list[s
         paths = [_ensure(cache_dir / f"stdlib-{tag}", stdlib_documents, tokenizer)]
     retrieval_needed = d.source == "synthetic-retrieval" or d.retrieval_fraction > 0
     if retrieval_needed:
-        # Documents of ~half a sequence (chars): samples are cut at a stride of seq_length
-        # from the concatenated documents, so a whole-sequence document (needle, question
-        # and answer) rarely lands in one sample (5% of samples at 128 tokens, 15% at 256,
-        # bytes); at half a sequence 44% of samples at 256 hold a complete passkey case.
-        length = recipe.train.seq_length // 2 * (1 if tag == "bytes" else 4)
+        # One case per training sample (see retrieval_token_documents), and enough cases
+        # that a run rarely sees one twice (a key seen again could be memorised instead
+        # of retrieved): at least 2000, at most 200k.
+        t = recipe.train
+        share = 1.0 if d.source == "synthetic-retrieval" else d.retrieval_fraction
+        count = min(200_000, max(2000, int(t.iters * t.global_batch_size * share * 1.1)))
+        offset = no_loss_offset(recipe.model.vocab_size) if d.retrieval_loss == "answers" else 0
         retrieval = _ensure(
-            cache_dir / f"retrieval-{tag}-{length}-seed{recipe.train.seed}",
-            lambda: retrieval_documents(2000, length, recipe.train.seed),
+            cache_dir / (f"retrieval-{tag}-{'+'.join(d.retrieval_tasks)}-{t.seq_length}-{count}-seed{t.seed}" + (f"-answers{offset}" if offset else "")),
+            lambda: retrieval_documents(count, t.seed, tuple(d.retrieval_tasks)),
             tokenizer,
+            lambda docs, tok: retrieval_token_documents(docs, tok, t.seq_length, offset),
+            2 * offset if offset else None,
         )
         if d.source == "synthetic-retrieval":
             paths, weights = [retrieval], None
@@ -109,6 +167,9 @@ def build_dataset(recipe, cache_dir: pathlib.Path, num_samples: int):
         mid_level_dataset_surplus=0.05,
     )
     train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config).build()
+    if recipe.data.retrieval_loss == "answers" and (recipe.data.retrieval_fraction > 0
+                                                    or recipe.data.source == "synthetic-retrieval"):
+        train = AnswerOnlyLoss(train, no_loss_offset(recipe.model.vocab_size))
     return train
 
 

@@ -119,6 +119,13 @@ class DataSection:
     """'bytes' (built-in byte-level, vocab 257) or a Hugging Face tokenizer.json path."""
     retrieval_fraction: float = 0.0
     """Share of samples drawn from the synthetic long-context retrieval mix (0..1)."""
+    retrieval_tasks: list = dataclasses.field(default_factory=lambda: ["passkey", "key_value"])
+    """The retrieval mix's cases, taken in turn: passkey (a 5-digit key in filler, what
+    ``rnope-eval passkey`` asks) and key_value (8 pairs of 6 hex digits, one asked for)."""
+    retrieval_loss: Literal["all", "answers"] = "all"
+    """Which tokens of the retrieval mix are trained: all of them, or only the answers
+    (haystack, needle and question are context: the answer is the one thing only
+    retrieval predicts, and a loss on the rest drowns that signal in a small model)."""
     cache_dir: Optional[str] = None
     """Where built index caches and the default corpus go (default: <run dir>/data)."""
 

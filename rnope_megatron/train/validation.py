@@ -153,6 +153,10 @@ def validate_data(recipe: Recipe) -> None:
             raise RecipeError("data.weights must not all be 0")
     if not 0.0 <= d.retrieval_fraction <= 1.0:
         raise RecipeError(f"data.retrieval_fraction={d.retrieval_fraction} must be within [0, 1]")
+    from rnope_megatron.data.corpora import RETRIEVAL_TASKS
+
+    if not d.retrieval_tasks or any(task not in RETRIEVAL_TASKS for task in d.retrieval_tasks):
+        raise RecipeError(f"data.retrieval_tasks={d.retrieval_tasks!r}: give one or more of {list(RETRIEVAL_TASKS)}")
     if d.tokenizer == "bytes" and recipe.model.vocab_size < 257:
         raise RecipeError(f"model.vocab_size={recipe.model.vocab_size} < 257 needed by data.tokenizer=bytes "
                           "(256 bytes + EOD)")
