@@ -42,6 +42,7 @@ class StepResult:
 
     loss: float
     tokens: int
+    """Tokens the step processed (global batch x sequence length)."""
     grad_norm: float
     lr: float
     skipped: bool
@@ -247,6 +248,8 @@ class Engine:
         if not skipped:
             self.scheduler.step(increment=t.global_batch_size)
         return StepResult(
-            loss=loss, tokens=int(totals[1].item()), grad_norm=grad_norm,
+            # tokens processed (what tok/s and TFLOP/s count), not the loss-masked count:
+            # an answers-only retrieval mix trains a few tokens of a whole sequence
+            loss=loss, tokens=t.global_batch_size * t.seq_length, grad_norm=grad_norm,
             lr=self.optimizer.param_groups[0]["lr"], skipped=skipped,
         )
