@@ -76,7 +76,7 @@ def accuracy_lines(series: dict[str, dict[int, float]], title: str, path, traine
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("passkey exact-match accuracy")
-    ax.legend()
+    ax.legend(loc="center right")  # the lines hug 0 and 1: the middle is free
     ax.set_title(title)
     _save(fig, path)
     plt.close(fig)
