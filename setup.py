@@ -34,7 +34,9 @@ setup(
         # imports requests without declaring it. Also in dev: CI runs the quantization tests.
         "quant": QUANT,
         "modelopt": QUANT,  # the earlier name of the same extra
-        "dev": ["pytest>=8", "matplotlib", "tensorboard", *QUANT],
+        # lm-evaluation-harness (its hf model needs accelerate): the test that scores an
+        # export through the harness on rnope-eval's own cases (rnope-eval lm-eval-tasks).
+        "dev": ["pytest>=8", "matplotlib", "tensorboard", *QUANT, "lm-eval>=0.4.9", "accelerate"],
     },
     entry_points={
         "console_scripts": [

@@ -277,3 +277,22 @@ def test_weights_not_matching_config_fail_in_one_line(tmp_path):
     for layer in range(4):
         assert f"decoder.layers.{layer}.mlp.linear_fc1.weight has shape [192, 64] but the config makes it [256, 64]" \
             in last, last
+
+
+def test_byte_tokenizer_export_reads_text_as_training_did(tmp_path):
+    """rnope-convert to-hf writes the built-in byte tokenizer as tokenizer.json: transformers'
+    AutoTokenizer and our HFTokenizer give the byte values, end of document 256, and
+    decode back, for text with multi-byte UTF-8, newlines and leading spaces."""
+    from transformers import AutoTokenizer
+
+    from rnope_megatron.convert.byte_tokenizer import write_byte_tokenizer
+    from rnope_megatron.data.tokenizers import ByteTokenizer, HFTokenizer
+
+    write_byte_tokenizer(tmp_path)
+    text = "  The pass key is 12345.\nhéllo wörld ✓ \x00\x7f end"
+    expected = ByteTokenizer().tokenize(text)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf(text)["input_ids"] == expected and hf.eos_token_id == 256
+    assert hf.decode(expected) == text
+    ours = HFTokenizer(str(tmp_path / "tokenizer.json"))
+    assert ours.tokenize(text) == expected and ours.eod == 256

@@ -77,6 +77,10 @@ def to_hf(ckpt: str, out: str, arch: str | None = None, dtype: str = "bf16", for
         (stage / "generation_config.json").write_text(json.dumps({"_from_model_config": True}, indent=2))
         if tokenizer != "bytes" and pathlib.Path(tokenizer).is_file():
             shutil.copy(tokenizer, stage / "tokenizer.json")
+        elif tokenizer == "bytes":
+            from rnope_megatron.convert.byte_tokenizer import write_byte_tokenizer
+
+            write_byte_tokenizer(stage)
     print(f"wrote {out} ({adapter.model_type}, {len(writer.files)} shard(s), {writer.total / 2**20:,.1f} MiB)")
     return {"arch": adapter.model_type, "shards": len(writer.files), "bytes": writer.total}
 

@@ -148,6 +148,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sample order with --data")
     p.add_argument("--json", nargs="?", const="-", help="write JSON to FILE (no FILE: print it)")
     p.add_argument("--png", help="per-position loss PNG")
+    p = sub.add_parser("lm-eval-tasks", help="the retrieval prompts as an lm-evaluation-harness task directory")
+    p.add_argument("--out", required=True, help="directory for the task YAML and JSON-lines files")
+    p.add_argument("--task", choices=("passkey", "niah"), default="passkey")
+    p.add_argument("--tokenizer", default="bytes",
+                   help="'bytes' or a tokenizer.json (an export's own), as the model reads text")
+    p.add_argument("--lengths", required=True, help="comma-separated, e.g. 1k,2k,4k (k = 1024 tokens)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
+    p.add_argument("--samples", type=int, default=10, help="samples per (length, depth) cell")
+    p.add_argument("--seed", type=int, default=0, help="seed of keys and haystack stretches")
     return parser
 
 
@@ -157,7 +166,13 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     quiet_known_warnings()
     with one_line_errors("rnope-eval"):
-        if args.command == "loss":
+        if args.command == "lm-eval-tasks":
+            from rnope_megatron.eval.lm_eval_tasks import lm_eval_tasks_command
+
+            result = lm_eval_tasks_command(args)
+            print(f"wrote {len(result['tasks'])} tasks to {result['out']}: lm_eval run --model hf "
+                  f"--model_args pretrained=HF_DIR --include_path {result['out']} --tasks {result['group']}")
+        elif args.command == "loss":
             result = loss_main(args)
             if args.json == "-":
                 print(json.dumps(result))
