@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-quick lint-imports bench clean
 
 $(STAMP): setup.py
 	@command -v $(PYTHON) >/dev/null 2>&1 && $(PYTHON) --version >/dev/null 2>&1 || { \
@@ -19,8 +19,17 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(PY) -m rnope_megatron.train recipes/tiny-cpu.yaml logging.run_dir=runs/demo
 
-test: $(STAMP)
+# Everything (what CI runs): the layer contract, then every test tier.
+test: lint-imports
 	$(PY) -m pytest -q tests
+
+# The inner loop: the fast tiers (unit, numeric, cli; see CONTRIBUTING.md "Test tiers").
+test-quick: lint-imports
+	$(PY) -m pytest -q tests -m "not distributed and not slow"
+
+# The package's layers import only downward (.importlinter).
+lint-imports: $(STAMP)
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) benchmarks/attention.py

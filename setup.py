@@ -36,12 +36,14 @@ setup(
         "modelopt": QUANT,  # the earlier name of the same extra
         # lm-evaluation-harness (its hf model needs accelerate): the test that scores an
         # export through the harness on rnope-eval's own cases (rnope-eval lm-eval-tasks).
-        "dev": ["pytest>=8", "matplotlib", "tensorboard", *QUANT, "lm-eval>=0.4.9", "accelerate"],
+        "dev": ["pytest>=8", "matplotlib", "tensorboard", *QUANT, "lm-eval>=0.4.9", "accelerate",
+                # the layer contract of .importlinter, checked by make test
+                "import-linter>=2.0"],
     },
     entry_points={
         "console_scripts": [
             "rnope-train = rnope_megatron.train.__main__:main",
-            "rnope-preprocess = rnope_megatron.preprocess:main",
+            "rnope-preprocess = rnope_megatron.data.preprocess:main",
             "rnope-convert = rnope_megatron.convert.__main__:main",
             "rnope-eval = rnope_megatron.eval:main",
             "rnope-plan = rnope_megatron.plan.__main__:main",

@@ -133,7 +133,7 @@ def _rank(rank: int, spec: dict, port: int, out_dir: str) -> None:
 def measure(spec: dict) -> dict:
     import torch.multiprocessing as mp
 
-    from rnope_megatron.distributed import free_port
+    from rnope_megatron.common.distributed import free_port
 
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_rank, args=(spec, free_port(), out_dir), nprocs=spec["cp"], join=True)

@@ -1,6 +1,6 @@
 """Training step time and peak memory vs sequence length: RNoPE-SWA vs the all-global
 RoPE baseline (same model, pattern ``R``), both on the portable backend, next to the FLOP
-model's predicted speed-up (rnope_megatron.flops); and the RNoPE-SWA step vs Hugging Face
+model's predicted speed-up (rnope_megatron.model.flops); and the RNoPE-SWA step vs Hugging Face
 transformers' SmolLM3 class with the same shape and layer types (sdpa attention, its best
 on CPU: the sliding window there is a dense mask).
 
@@ -44,14 +44,14 @@ def _build(spec: dict):
     """(model, step_inputs -> loss) for ``spec["impl"]`` in {megatron, hf}."""
     import torch
 
-    from rnope_megatron.cli import quiet_known_warnings
-    from rnope_megatron.config import RNoPEConfig
+    from rnope_megatron.common.cli import quiet_known_warnings
+    from rnope_megatron.model.config import RNoPEConfig
 
     quiet_known_warnings()
     cfg = RNoPEConfig(**spec["model"])
     if spec["impl"] == "megatron":
-        from rnope_megatron.distributed import ensure_single_process
-        from rnope_megatron.model import build_single_rank_model
+        from rnope_megatron.common.distributed import ensure_single_process
+        from rnope_megatron.model.build import build_single_rank_model
 
         ensure_single_process()
         model = build_single_rank_model(cfg)
@@ -137,8 +137,8 @@ def measure(ours: dict, other: dict, seq_len: int, repeats: int) -> tuple[dict, 
 
 
 def flop_speedup(args, seq_len: int, window: int) -> float:
-    from rnope_megatron.config import RNoPEConfig
-    from rnope_megatron.flops import training_flops_per_token
+    from rnope_megatron.model.config import RNoPEConfig
+    from rnope_megatron.model.flops import training_flops_per_token
 
     base = training_flops_per_token(RNoPEConfig(**shape(args, "R", seq_len, window)), seq_len)
     ours = training_flops_per_token(RNoPEConfig(**shape(args, "SSSG", seq_len, window)), seq_len)

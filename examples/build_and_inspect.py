@@ -12,8 +12,8 @@ import argparse
 import torch
 
 from rnope_megatron import ParallelLayout, RNoPEConfig, build_model
-from rnope_megatron.distributed import initialize_parallel
-from rnope_megatron.specs import layer_spec
+from rnope_megatron.common.distributed import initialize_parallel
+from rnope_megatron.model.specs import layer_spec
 
 
 def main():

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     (out / "results.md").write_text(f"Passkey exact-match accuracy (mean over seeds ± std; "
                                     f"{next(iter(results.values()))['samples_per_cell']} samples per "
                                     f"length and depth).\n\n{table}{took}\n")
-    from rnope_megatron.errors import MissingDependency
+    from rnope_megatron.common.errors import MissingDependency
 
     try:
         from rnope_megatron.eval.plots import accuracy_lines

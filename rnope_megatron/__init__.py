@@ -1,17 +1,20 @@
 """RNoPE-SWA hybrid attention for Megatron-Core.
 
-Heavy imports (Megatron, torch kernels) happen in the submodules; the names below are
-the public entry points."""
+The public entry points. ``build_model`` is resolved on first use (PEP 562): importing
+any submodule runs this file first, and an eager import here would pull Megatron into
+every light command path (recipe checks, plotting). It is the package's one deferred
+import of its own code."""
 
-from rnope_megatron.config import ParallelLayout, RNoPEConfig
-from rnope_megatron.pattern import LayerKind, LayerPattern
+from rnope_megatron.model.config import ParallelLayout, RNoPEConfig
+from rnope_megatron.model.pattern import LayerKind, LayerPattern
 
 __all__ = ["RNoPEConfig", "ParallelLayout", "LayerPattern", "LayerKind", "build_model"]
 __version__ = "0.1.0"
 
 
-def build_model(*args, **kwargs):
-    """See :func:`rnope_megatron.model.build_model` (imported lazily: it pulls in Megatron)."""
-    from rnope_megatron.model import build_model as _build
+def __getattr__(name: str):
+    if name == "build_model":
+        from rnope_megatron.model.build import build_model
 
-    return _build(*args, **kwargs)
+        return build_model
+    raise AttributeError(f"module 'rnope_megatron' has no attribute {name!r}")

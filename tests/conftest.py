@@ -1,9 +1,37 @@
+import pathlib
+
 import pytest
 import torch
 
-from rnope_megatron.config import ParallelLayout
+from rnope_megatron.model.config import ParallelLayout
 from tests.support import free_port, init_megatron
 
+# The test tiers (CONTRIBUTING.md, "Test tiers"): each file's tier, given here once rather
+# than on every test. `make test` runs every tier; `make test-quick` the fast ones.
+TIER_OF_FILE = {
+    "unit": ("test_pattern", "test_config", "test_specs", "test_compat", "test_structure", "test_fp8_policy",
+             "test_gpu_kit", "test_te_path", "test_docs"),
+    "numeric": ("test_sliding_window", "test_native_cpu", "test_model_oracle", "test_flops_and_data"),
+    "distributed": ("test_distributed", "test_context_parallel", "test_checkpoint_layout"),
+    "cli": ("test_train", "test_recipe", "test_crash_safety", "test_cli", "test_convert_output", "test_convert",
+            "test_eval", "test_plan", "test_plan_memory", "test_slurm_kit", "test_benchmarks"),
+    "slow": ("test_quantize",),
+}
+TIERS = tuple(TIER_OF_FILE)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Give each test its file's tier unless it names one itself (a slow test in a fast
+    file carries ``@pytest.mark.slow``); a file in no tier is an error, so a new file
+    cannot slip out of ``make test-quick``'s selection unnoticed."""
+    tier_of = {name: tier for tier, names in TIER_OF_FILE.items() for name in names}
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        stem = pathlib.Path(str(item.fspath)).stem
+        if stem not in tier_of:
+            raise pytest.UsageError(f"{stem}.py has no test tier: add it to TIER_OF_FILE in tests/conftest.py")
+        item.add_marker(getattr(pytest.mark, tier_of[stem]))
 
 @pytest.fixture(scope="session")
 def megatron_single():

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rnope_megatron.config import ParallelLayout, RNoPEConfig
-from rnope_megatron.distributed import free_port, initialize_parallel  # noqa: F401  (re-exported for tests)
+from rnope_megatron.common.distributed import free_port, initialize_parallel  # noqa: F401  (re-exported for tests)
+from rnope_megatron.model.config import ParallelLayout, RNoPEConfig
 
 
 def init_megatron(rank: int, world_size: int, port: int, layout: ParallelLayout, seed: int = 1234):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from rnope_megatron.config import ParallelLayout, RNoPEConfig
-from rnope_megatron.pattern import LayerKind
+from rnope_megatron.model.config import ParallelLayout, RNoPEConfig
+from rnope_megatron.model.pattern import LayerKind
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,9 @@ import yaml
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, Cohere2Config, Cohere2ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM  # noqa: E402
 
-from rnope_megatron.convert.targets import adapter_named, adapter_of  # noqa: E402
 from rnope_megatron.convert.streaming import hf_to_megatron, megatron_to_hf  # noqa: E402
-from rnope_megatron.model import build_model  # noqa: E402
+from rnope_megatron.convert.targets import adapter_named, adapter_of  # noqa: E402
+from rnope_megatron.model.build import build_model  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOL = dict(atol=2e-5, rtol=0)
@@ -193,7 +193,7 @@ def test_real_configs_import():
 def test_export_writes_the_theta_of_the_layers_that_rotate():
     """A model whose only RoPE layers are global R layers exports their base
     (global_rope_theta), not the sliding layers' rope_theta."""
-    from rnope_megatron.config import RNoPEConfig
+    from rnope_megatron.model.config import RNoPEConfig
 
     cfg = RNoPEConfig(num_layers=2, pattern="GR", rope_theta=1e4, global_rope_theta=5e5)
     assert adapter_named("smollm3").to_hf(cfg)["rope_parameters"]["rope_theta"] == 5e5
@@ -239,8 +239,8 @@ def test_cli_refuses_non_empty_output_and_truncated_input(tmp_path):
 def test_export_across_rope_layouts_permutes_q_and_k(megatron_single, arch, interleaved):
     """A model trained with the other RoPE layout exports with q/k rows permuted per head:
     transformers' logits still equal ours."""
-    from rnope_megatron.config import RNoPEConfig
-    from rnope_megatron.layout_invariant_init import fill_from_global, seeded_full_tensor
+    from rnope_megatron.model.config import RNoPEConfig
+    from rnope_megatron.model.layout_invariant_init import fill_from_global, seeded_full_tensor
 
     cohere = arch == "cohere2"
     cfg = RNoPEConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,

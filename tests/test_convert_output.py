@@ -106,7 +106,7 @@ def test_a_failed_replacement_puts_the_previous_output_back(tmp_path, monkeypatc
     old one is restored under its name."""
     import pathlib as _pathlib
 
-    from rnope_megatron.convert.output import MARKER, staged_output
+    from rnope_megatron.common.output import MARKER, staged_output
 
     out = tmp_path / "out"
     out.mkdir()

@@ -25,7 +25,7 @@ import torch
 from rnope_megatron.data.corpora import key_value_question, passkey_needle, passkey_question
 from rnope_megatron.data.tokenizers import ByteTokenizer
 from rnope_megatron.eval.scoring import evaluate_grid, score_cases
-from rnope_megatron.eval.tasks import build_case, build_grid, minimum_length, Haystacks
+from rnope_megatron.eval.tasks import Haystacks, build_case, build_grid, minimum_length
 from tests.trainer import ROOT, assert_one_line_error, console_script, exit_status, losses, metrics, train
 
 BYTES = ByteTokenizer()
@@ -130,7 +130,7 @@ def test_one_wrong_answer_token_makes_the_case_wrong():
 def random_checkpoint(tmp_path, megatron_single):
     """A random (untrained) tiny RNoPE-SWA model saved as a weights-only checkpoint."""
     from rnope_megatron.checkpoint.weights_only import write_weights_checkpoint
-    from rnope_megatron.model import build_single_rank_model
+    from rnope_megatron.model.build import build_single_rank_model
     from tests.support import tiny_config
 
     cfg = tiny_config(vocab_size=VOCAB, window=16, max_seq_length=4096, num_layers=4, pattern="SSSG")
@@ -264,8 +264,8 @@ def test_bad_eval_section_fails_in_one_line(tmp_path):
 def test_reproduction_recipe_compares_models_of_equal_size(megatron_single):
     """recipes/reproduce-small.yaml validates for both patterns, the two models have the
     same parameter count, and its gates evaluate past the training length."""
-    from rnope_megatron.model import build_single_rank_model
-    from rnope_megatron.train.recipe import load_recipe
+    from rnope_megatron.model.build import build_single_rank_model
+    from rnope_megatron.recipe import load_recipe
 
     recipe = ROOT / "recipes" / "reproduce-small.yaml"
     counts = []

@@ -4,10 +4,10 @@ synthetic retrieval data."""
 
 import pytest
 
-from rnope_megatron.config import RNoPEConfig
-from rnope_megatron.flops import attention_span, forward_flops_per_token
 from rnope_megatron.data.corpora import retrieval_documents
 from rnope_megatron.data.tokenizers import ByteTokenizer
+from rnope_megatron.model.config import RNoPEConfig
+from rnope_megatron.model.flops import attention_span, forward_flops_per_token
 
 
 def test_attention_span_counts_keys_exactly():
@@ -48,13 +48,13 @@ def test_byte_tokenizer_round_trip():
 
 
 def _retrieval_dataset(tmp_path, **data):
-    from rnope_megatron.data.dataset import build_dataset
-    from rnope_megatron.train.recipe import recipe_from_dict
+    from rnope_megatron.data.dataset import SampleShape, build_dataset
+    from rnope_megatron.recipe import recipe_from_dict
 
     recipe = recipe_from_dict({"data": {"source": "synthetic-retrieval", **data},
                                "train": {"seq_length": 256, "seed": 3, "iters": 50, "global_batch_size": 8},
                                "model": {"vocab_size": 272}})
-    return build_dataset(recipe, tmp_path, 400)
+    return build_dataset(recipe.data, SampleShape.of(recipe), tmp_path, 400)
 
 
 def test_every_retrieval_sample_is_one_whole_case(tmp_path):
@@ -97,13 +97,13 @@ def test_answers_only_loss_trains_exactly_the_answers(tmp_path):
 
 
 def test_answers_only_loss_leaves_the_other_sources_whole(tmp_path):
-    from rnope_megatron.data.dataset import build_dataset
-    from rnope_megatron.train.recipe import recipe_from_dict
+    from rnope_megatron.data.dataset import SampleShape, build_dataset
+    from rnope_megatron.recipe import recipe_from_dict
 
     recipe = recipe_from_dict({"data": {"source": "default", "retrieval_fraction": 0.5, "retrieval_loss": "answers"},
                                "train": {"seq_length": 256, "seed": 3, "iters": 50, "global_batch_size": 8},
                                "model": {"vocab_size": 272}})
-    dataset = build_dataset(recipe, tmp_path, 200)
+    dataset = build_dataset(recipe.data, SampleShape.of(recipe), tmp_path, 200)
     counts = [int(dataset[i]["loss_mask"].sum()) for i in range(200)]
     assert 60 < sum(c == 256 for c in counts) < 140  # the corpus' samples: every label trained
     assert all(c == 256 or c == 6 for c in counts)    # retrieval samples: the 6 answer tokens

@@ -16,9 +16,10 @@ import types
 import pytest
 import torch
 
-from rnope_megatron import gpus
-from rnope_megatron.precision import Platform, describe_attention, plan_precision
-from rnope_megatron.train.recipe import RecipeError, load_recipe
+from rnope_megatron.common import gpus
+from rnope_megatron.model.precision import Platform, plan_precision
+from rnope_megatron.recipe import RecipeError, load_recipe
+from rnope_megatron.train.console import describe_attention
 from tests.trainer import RECIPE, ROOT, assert_one_line_error, console_script
 
 FP8 = ["train.backend=te", "train.precision=bf16", "model.num_layers=8"]
@@ -64,7 +65,7 @@ def test_policy_table(gpu, versions, overrides, fp8_attention, fp8_linears, wrap
     from megatron.core.fp8_utils import is_first_last_bf16_layer
 
     from rnope_megatron.attention.te_precision import BF16AttentionTEDotProductAttention
-    from rnope_megatron.specs import block_spec
+    from rnope_megatron.model.specs import block_spec
 
     recipe = fp8_recipe(*overrides)
     plan = plan_precision(recipe, on(gpu, **versions))
@@ -96,7 +97,7 @@ def test_halo_layers_under_cp_get_the_bf16_halo_wrapper():
     from megatron.core.extensions import transformer_engine as te_ext
 
     from rnope_megatron.attention.te_precision import BF16AttentionHaloTEDotProductAttention
-    from rnope_megatron.specs import block_spec
+    from rnope_megatron.model.specs import block_spec
 
     recipe = fp8_recipe("train.fp8.recipe=delayed", "train.fp8.attention=global_only", "parallel.context=2")
     plan = plan_precision(recipe, on("h100"))

@@ -10,9 +10,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import build_module
 
-from rnope_megatron.model import build_model
-from rnope_megatron.specs import layer_spec
-from rnope_megatron.layout_invariant_init import fill_from_global, seeded_full_tensor
+from rnope_megatron.model.build import build_model
+from rnope_megatron.model.layout_invariant_init import fill_from_global, seeded_full_tensor
+from rnope_megatron.model.specs import layer_spec
 from tests.support import tiny_config
 
 TOL = dict(atol=2e-5, rtol=0)

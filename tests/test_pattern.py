@@ -2,7 +2,7 @@
 
 import pytest
 
-from rnope_megatron.pattern import LayerKind, LayerPattern, expand_pattern
+from rnope_megatron.model.pattern import LayerKind, LayerPattern, expand_pattern
 
 
 def test_block_repeats_to_num_layers():

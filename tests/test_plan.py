@@ -3,16 +3,15 @@ paper's speed-ups, the trainer's own messages for bad layouts, a pinned JSON sch
 the installed console script's exit status and output."""
 
 import json
-import pathlib
 import subprocess
 
 import pytest
 
-from rnope_megatron.config import RNoPEConfig
-from rnope_megatron.flops import forward_flops_breakdown, training_flops_per_token
+from rnope_megatron.model.config import RNoPEConfig
+from rnope_megatron.model.flops import forward_flops_breakdown, training_flops_per_token
 from rnope_megatron.plan import make_plan
-from rnope_megatron.train.recipe import RecipeError, load_recipe
-from rnope_megatron.train.validation import validate
+from rnope_megatron.recipe import RecipeError, load_recipe
+from rnope_megatron.recipe.validation import validate
 from tests.trainer import ROOT, console_script
 
 SECTION_FOLDERS = {"models", "data"}  # section files, not recipes
@@ -105,7 +104,7 @@ def test_predicted_speedup_of_the_8b_is_the_flop_bound(stage, paper):
     path = ROOT / "recipes" / "8b" / f"{stage}.yaml"
     plan = make_plan(load_recipe(path), path)
     assert plan["baseline"]["source"].endswith(f"baseline-{stage}.yaml")
-    # FACTS.md's bound: linear 2(h(h+2kv)+h·h+3h·ffn) per layer, attention 4·h·span with
+    # The paper's FLOP bound: linear 2(h(h+2kv)+h·h+3h·ffn) per layer, attention 4·h·span with
     # span L/2 (global) and W (sliding), LM head 2hV; 8 of 32 layers global in the hybrid
     h, seq, W = 4096, {"64k": 65536, "128k": 131072}[stage], 4096
     linear = 2 * (h * (h + 2 * 1024) + h * h + 3 * h * 14336)
@@ -116,7 +115,7 @@ def test_predicted_speedup_of_the_8b_is_the_flop_bound(stage, paper):
 
 
 def test_the_trainer_logs_with_the_same_flop_model():
-    from rnope_megatron import flops
+    from rnope_megatron.model import flops
     from rnope_megatron.train import loop
 
     assert loop.training_flops_per_token is flops.training_flops_per_token

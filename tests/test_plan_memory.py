@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rnope_megatron.plan.memory import Setup, layer_params, stage_memory, stage_params
-from rnope_megatron.train.recipe import load_recipe
+from rnope_megatron.recipe import load_recipe
 from tests.trainer import RECIPE
 
 TOLERANCE = 0.08
@@ -63,9 +63,9 @@ def measure(tmp_path, overrides):
     ``megatron_single``; tearing it down here broke every later test that uses it)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from rnope_megatron.data.dataset import build_dataset
-    from rnope_megatron.config import ParallelLayout
-    from rnope_megatron.distributed import initialize_parallel
+    from rnope_megatron.common.distributed import initialize_parallel
+    from rnope_megatron.data.dataset import SampleShape, build_dataset
+    from rnope_megatron.model.config import ParallelLayout
     from rnope_megatron.train.engine import Engine
 
     recipe = load_recipe(RECIPE, ["data.source=synthetic-retrieval", "train.layout_invariant_init=false",
@@ -75,7 +75,7 @@ def measure(tmp_path, overrides):
     initialize_parallel(recipe.parallel, seed=1)
     try:
         engine = Engine(recipe, 1)
-        dataset = build_dataset(recipe, pathlib.Path(tmp_path), 2 * recipe.train.global_batch_size)
+        dataset = build_dataset(recipe.data, SampleShape.of(recipe), pathlib.Path(tmp_path), 2 * recipe.train.global_batch_size)
         engine.train_step(dataset, 0)  # Adam's state now exists
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
             engine.train_step(dataset, 1)
@@ -108,7 +108,7 @@ def test_memory_model_matches_measured_peak_on_cpu(megatron_single, tmp_path, ov
 def test_parameter_count_of_the_8b_and_111b_shapes():
     """Hand counts: the 8B (32 layers of 4096, GQA 8, ffn 14336, vocab 256000, tied) and
     Command A's 111B (64 layers of 12288, parallel block: one norm per layer)."""
-    from rnope_megatron.config import RNoPEConfig
+    from rnope_megatron.model.config import RNoPEConfig
 
     paper = RNoPEConfig(num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
                         ffn_hidden_size=14336, vocab_size=256000, max_seq_length=8192, window=4096)

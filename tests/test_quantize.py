@@ -108,7 +108,7 @@ BLOCK_MODELOPT = "import sys; sys.modules['modelopt'] = None\n"
 
 def test_without_modelopt_package_imports_and_cli_names_the_extra(tmp_path):
     code = BLOCK_MODELOPT + (
-        "import rnope_megatron.train.loop, rnope_megatron.checkpoint.reader, rnope_megatron.quantize.state\n"
+        "import rnope_megatron.train.loop, rnope_megatron.checkpoint.reader, rnope_megatron.checkpoint.quantizer_state\n"
         "assert not [m for m in sys.modules if m.startswith('modelopt.')], 'modelopt imported'\n"
         "from rnope_megatron.quantize.__main__ import main\n"
         f"raise SystemExit(main([{str(tmp_path)!r}, {str(tmp_path / 'out')!r}, '--format', 'fp8']))\n")
@@ -340,8 +340,8 @@ def test_te_spec_linears_are_classes_modelopt_registers():
     plugin registers for TE (read from its source), so it wraps them itself on GPU."""
     from megatron.core.extensions import transformer_engine as te
 
-    from rnope_megatron.specs import layer_spec
-    from rnope_megatron.pattern import LayerKind
+    from rnope_megatron.model.pattern import LayerKind
+    from rnope_megatron.model.specs import layer_spec
     from tests.support import tiny_config
 
     source = pathlib.Path(importlib.util.find_spec("modelopt.torch.quantization.plugins.megatron").origin).read_text()

@@ -8,8 +8,8 @@ import sys
 import pytest
 import yaml
 
-from rnope_megatron.train.recipe import RecipeError, load_recipe
-from rnope_megatron.train.validation import validate
+from rnope_megatron.recipe import RecipeError, load_recipe
+from rnope_megatron.recipe.validation import validate
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "tiny-cpu.yaml"

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from rnope_megatron.attention import native_cpu, sliding_window
+from rnope_megatron.attention import sliding_window
 from rnope_megatron.attention.sliding_window import (
     causal_attention,
     query_tile,

@@ -6,7 +6,6 @@ directory. The script itself runs unmodified under bash."""
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import time
 
 import pytest
 
-from tests.trainer import ROOT, RECIPE
+from tests.trainer import RECIPE, ROOT
 
 SCRIPT = ROOT / "examples" / "slurm" / "train.sbatch"
 

@@ -10,10 +10,10 @@ from megatron.core.transformer.utils import is_layer_window_attention
 
 from rnope_megatron.attention.core import PortableDotProductAttention
 from rnope_megatron.attention.self_attention import RNoPESelfAttention
-from rnope_megatron.config import ParallelLayout
-from rnope_megatron.parallel_block import ParallelAttentionMLPLayer
-from rnope_megatron.norms import PortableNorm
-from rnope_megatron.specs import block_spec, layer_spec, stage_layer_numbers
+from rnope_megatron.model.config import ParallelLayout
+from rnope_megatron.model.norms import PortableNorm
+from rnope_megatron.model.parallel_block import ParallelAttentionMLPLayer
+from rnope_megatron.model.specs import block_spec, layer_spec, stage_layer_numbers
 from tests.support import tiny_config
 
 

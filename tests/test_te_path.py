@@ -16,9 +16,8 @@ import pytest
 import torch
 
 from rnope_megatron.attention.rotary import LayerRotaryEmbedding
-from rnope_megatron.config import RNoPEConfig
-from rnope_megatron.fusions import fusion_overrides, te_rope_fusion_available
-from rnope_megatron.model import build_model, freeze_norm_biases
+from rnope_megatron.model.build import build_model, freeze_norm_biases
+from rnope_megatron.model.fusions import fusion_overrides, te_rope_fusion_available
 from tests.support import tiny_config
 
 
@@ -75,7 +74,7 @@ def te_like_state(monkeypatch):
     """The portable model given what TE's modules have and the portable ones lack: an
     ``_extra_state`` on the core attention (TE's FP8 metadata) and a LayerNorm bias."""
     from rnope_megatron.attention.core import PortableDotProductAttention
-    from rnope_megatron.norms import PortableNorm
+    from rnope_megatron.model.norms import PortableNorm
 
     def add_te_state():
         monkeypatch.setattr(PortableDotProductAttention, "get_extra_state",
@@ -97,8 +96,8 @@ def test_checkpoints_move_between_backends(megatron_single, tmp_path, te_like_st
     and norm biases (before: missing keys), and the other way round; the weights arrive."""
     from rnope_megatron.checkpoint.reader import load_model
     from rnope_megatron.checkpoint.weights_only import write_weights_checkpoint
-    from rnope_megatron.layout_invariant_init import fill_from_global, seeded_full_tensor
-    from rnope_megatron.model import build_single_rank_model
+    from rnope_megatron.model.build import build_single_rank_model
+    from rnope_megatron.model.layout_invariant_init import fill_from_global, seeded_full_tensor
 
     cfg = tiny_config(normalization="LayerNorm", block="parallel")
     portable = build_single_rank_model(cfg)

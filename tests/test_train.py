@@ -6,7 +6,6 @@ Tolerances: parallel layouts vs one process 2e-4 absolute on per-iteration losse
 bit-exact (==)."""
 
 import json
-import pathlib
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import time
 import pytest
 
 from tests.trainer import ROOT, exit_status, losses, metrics, train, train_cmd
+
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, data_cache):
@@ -204,7 +204,7 @@ def test_non_finite_loss_stops_with_the_iteration(tmp_path, data_cache):
 def test_preprocess_then_train_on_indexed_data(tmp_path, data_cache):
     docs = tmp_path / "docs.jsonl"
     docs.write_text("\n".join(json.dumps({"text": f"document {i}: " + "lorem ipsum " * 40}) for i in range(200)))
-    subprocess.run([sys.executable, "-m", "rnope_megatron.preprocess", "--input", str(docs),
+    subprocess.run([sys.executable, "-m", "rnope_megatron.data.preprocess", "--input", str(docs),
                     "--output-prefix", str(tmp_path / "corpus")], check=True, cwd=ROOT, capture_output=True)
     assert (tmp_path / "corpus.bin").stat().st_size > 0 and (tmp_path / "corpus.idx").exists()
     train(tmp_path / "run", "data.source=indexed", f"data.paths=[{tmp_path / 'corpus'}]",
@@ -215,7 +215,7 @@ def test_preprocess_then_train_on_indexed_data(tmp_path, data_cache):
 def test_preprocess_names_the_bad_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{oops\n')
-    out = subprocess.run([sys.executable, "-m", "rnope_megatron.preprocess", "--input", str(bad),
+    out = subprocess.run([sys.executable, "-m", "rnope_megatron.data.preprocess", "--input", str(bad),
                           "--output-prefix", str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0 and f"{bad}:2: not JSON" in out.stderr
     assert not (tmp_path / "x.idx").exists()  # nothing half-written under the final name
@@ -231,7 +231,7 @@ def test_preprocess_with_a_hugging_face_tokenizer_file(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     text = tmp_path / "a.txt"
     text.write_text("hello world again hello")
-    out = subprocess.run([sys.executable, "-m", "rnope_megatron.preprocess", "--input", str(text),
+    out = subprocess.run([sys.executable, "-m", "rnope_megatron.data.preprocess", "--input", str(text),
                           "--output-prefix", str(tmp_path / "c"), "--tokenizer", str(tmp_path / "tokenizer.json")],
                          check=True, cwd=ROOT, capture_output=True, text=True)
     assert "1 documents, 5 tokens (vocab 5)" in out.stdout
@@ -246,8 +246,8 @@ def test_cuda_fusions_without_te_build_a_valid_transformer_config():
     """train.fusions (default on CUDA) must not ask Megatron for TE's fused RoPE when TE is
     absent: TransformerConfig raises for apply_rope_fusion without it, which would stop every
     portable-backend GPU run on a machine without TE."""
-    from rnope_megatron.config import RNoPEConfig
-    from rnope_megatron.fusions import fusion_overrides, te_rope_fusion_available
+    from rnope_megatron.model.config import RNoPEConfig
+    from rnope_megatron.model.fusions import fusion_overrides, te_rope_fusion_available
 
     if te_rope_fusion_available():
         pytest.skip("TE is installed: the fused RoPE is available")

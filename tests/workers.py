@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from rnope_megatron.config import ParallelLayout
-from rnope_megatron.model import build_model
-from rnope_megatron.layout_invariant_init import fill_from_global, local_shards, seeded_full_tensor
+from rnope_megatron.model.build import build_model
+from rnope_megatron.model.config import ParallelLayout
+from rnope_megatron.model.layout_invariant_init import fill_from_global, local_shards, seeded_full_tensor
 from tests.support import init_megatron, tiny_config
 
 

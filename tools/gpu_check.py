@@ -68,8 +68,7 @@ def check_flex(results):
 
 def check_offset_kernels(results):
     """Queries that are the last Lq of Lk keys, as a context-parallel chunk sees them."""
-    from rnope_megatron.attention.sliding_window import (causal_attention, sliding_window_attention,
-                                                         sliding_window_mask)
+    from rnope_megatron.attention.sliding_window import causal_attention, sliding_window_attention, sliding_window_mask
 
     for q_len, k_len, window in [(512, 639, 128), (1000, 1511, 512), (256, 1280, None)]:
         g = torch.Generator().manual_seed(1)
@@ -91,8 +90,8 @@ def check_offset_kernels(results):
 def check_model(results):
     """The whole portable model on CUDA vs the same weights on CPU (fp32 logits)."""
     from rnope_megatron import ParallelLayout, RNoPEConfig, build_model
-    from rnope_megatron.distributed import initialize_parallel, shutdown_parallel
-    from rnope_megatron.layout_invariant_init import fill_from_global, seeded_full_tensor
+    from rnope_megatron.common.distributed import initialize_parallel, shutdown_parallel
+    from rnope_megatron.model.layout_invariant_init import fill_from_global, seeded_full_tensor
 
     initialize_parallel(ParallelLayout())
     try:

@@ -53,7 +53,7 @@ def te_installed() -> bool:
 def _model_pair(cfg):
     """The same weights in a portable and a te model (bf16, on CUDA)."""
     from rnope_megatron import build_model
-    from rnope_megatron.layout_invariant_init import fill_from_global, seeded_full_tensor
+    from rnope_megatron.model.layout_invariant_init import fill_from_global, seeded_full_tensor
 
     models = {}
     for backend in ("portable", "te"):
@@ -68,7 +68,7 @@ def check_te_vs_portable(results):
     import torch
 
     from rnope_megatron import ParallelLayout, RNoPEConfig
-    from rnope_megatron.distributed import initialize_parallel, shutdown_parallel
+    from rnope_megatron.common.distributed import initialize_parallel, shutdown_parallel
 
     cases = {
         "sequential, rotate-half, GQA 8/2": dict(),
@@ -200,7 +200,7 @@ def check_backend_per_layer(results):
     if not te_installed():
         results.append(("TE backend per layer: TE not installed", float("nan"), False))
         return
-    from rnope_megatron.train.recipe import load_recipe
+    from rnope_megatron.recipe import load_recipe
 
     layers = load_recipe(RECIPE).model.layer_pattern.layers
     with tempfile.TemporaryDirectory() as tmp:
@@ -222,10 +222,10 @@ def dry_run(runs=RUNS, gpu: str = DRY_RUN_GPU) -> bool:
     """Validate each (label, overrides, expected refusal or None) run of ``runs`` as
     ``rnope-train --check --gpu`` would (no GPU, no TE); print one line per run. True when
     each ends as expected."""
-    from rnope_megatron import gpus
-    from rnope_megatron.precision import Platform, plan_precision
-    from rnope_megatron.train.recipe import RecipeError, load_recipe
-    from rnope_megatron.train.validation import validate
+    from rnope_megatron.common import gpus
+    from rnope_megatron.model.precision import Platform, plan_precision
+    from rnope_megatron.recipe import RecipeError, load_recipe
+    from rnope_megatron.recipe.validation import validate
 
     all_ok = True
     for label, overrides, refusal in runs:

@@ -29,6 +29,8 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from rnope_megatron.attention.sliding_window import causal_attention, sliding_window_attention
+
 
 @dataclasses.dataclass(frozen=True)
 class ZigZag:
@@ -207,8 +209,6 @@ def _bhsd(x: torch.Tensor) -> torch.Tensor:
 def context_parallel_attention(query, key, value, window: int | None, scale: float, group) -> torch.Tensor:
     """Attention of this rank's two chunks. query [2c, b, hq, d], key/value [2c, b, hkv, d]
     (RoPE already applied with global positions) -> [2c, b, hq, d]."""
-    from rnope_megatron.attention.sliding_window import causal_attention, sliding_window_attention
-
     dim = key.shape[-1]
     if window is not None:
         zz, extended = with_halos(key, value, window, group)

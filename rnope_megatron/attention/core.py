@@ -1,7 +1,7 @@
 """Portable core attention: Megatron's core-attention slot, plain torch, any device.
 
 The layer's window comes as a spec parameter from the pattern
-(:func:`rnope_megatron.specs.layer_spec`), as the RoPE base does for the self-attention:
+(:func:`rnope_megatron.model.specs.layer_spec`), as the RoPE base does for the self-attention:
 the layer kind travels one way, from the pattern to the module."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import math
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from rnope_megatron.attention.context_parallel import context_parallel_attention, context_parallel_group
 from rnope_megatron.attention.sliding_window import causal_attention, sliding_window_attention
 
 
@@ -48,8 +49,6 @@ class PortableDotProductAttention(MegatronModule):
         # (rnope_megatron.attention.context_parallel).
         self.cp_group = None
         if config.context_parallel_size > 1:
-            from rnope_megatron.attention.context_parallel import context_parallel_group
-
             self.cp_group = context_parallel_group(pg_collection)
 
     def forward(
@@ -67,8 +66,6 @@ class PortableDotProductAttention(MegatronModule):
             )
         seq, batch, heads, dim = query.shape
         if self.cp_group is not None:
-            from rnope_megatron.attention.context_parallel import context_parallel_attention
-
             out = context_parallel_attention(query, key, value, self.window, self.softmax_scale, self.cp_group)
             return out.reshape(seq, batch, heads * dim)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, s, d]

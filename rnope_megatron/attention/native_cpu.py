@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from rnope_megatron.errors import UserError
+from rnope_megatron.common.errors import UserError
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "sliding_window_cpu.cpp"

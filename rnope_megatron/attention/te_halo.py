@@ -24,6 +24,9 @@ from megatron.core.extensions import transformer_engine as te_ext
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from rnope_megatron.attention.context_parallel import context_parallel_group, with_halos
+from rnope_megatron.common.errors import MissingDependency
+
 
 def _te_available() -> bool:
     return isinstance(te_ext.TEDotProductAttention, type)
@@ -34,8 +37,6 @@ class _NeedsTransformerEngine(MegatronModule):
     to be built."""
 
     def __init__(self, *args, **kwargs):
-        from rnope_megatron.errors import MissingDependency
-
         raise MissingDependency(f"the te backend's {type(self).__name__} needs Transformer Engine: "
                                 "pip install 'rnope-megatron[te]'")
 
@@ -45,8 +46,6 @@ class HaloTEDotProductAttention(te_ext.TEDotProductAttention if _te_available() 
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type="self", attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None, **kwargs):
-        from rnope_megatron.attention.context_parallel import context_parallel_group
-
         local = copy.copy(config)  # TE attention per chunk, without TE's own CP
         local.context_parallel_size = 1
         super().__init__(local, layer_number, attn_mask_type, attention_type, attention_dropout, softmax_scale,
@@ -56,8 +55,6 @@ class HaloTEDotProductAttention(te_ext.TEDotProductAttention if _te_available() 
 
     def forward(self, query, key, value, attention_mask, attn_mask_type, attention_bias=None,
                 packed_seq_params=None, num_splits=None):
-        from rnope_megatron.attention.context_parallel import with_halos
-
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("halo attention: no packed sequences / attention bias")
         zz, extended = with_halos(key, value, self.window, self.halo_group)

@@ -11,7 +11,7 @@ Nesting autocasts to give layers different recipes is TE's documented pattern
 
 Used on sliding-window layers on Hopper, where no TE backend runs FP8 attention with a
 window, while the global layers run FP8 attention (``train.fp8.attention: global_only`` or
-``auto``; see :mod:`rnope_megatron.precision`). They subclass Megatron's class, so
+``auto``; see :mod:`rnope_megatron.model.precision`). They subclass Megatron's class, so
 parameters and ``_extra_state`` keep their checkpoint keys. Without TE installed they are
 placeholders that can sit in a spec and refuse to be built. Not run on this project's CPU
 machines: see the README's "what was verified where".

@@ -27,7 +27,9 @@ import shutil
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from rnope_megatron.errors import UserError
+from rnope_megatron.checkpoint import writer_queue
+from rnope_megatron.common import faults
+from rnope_megatron.common.errors import UserError
 
 LATEST = "latest"
 # What reading or writing a checkpoint can raise: torch's CheckpointException (which
@@ -255,9 +257,6 @@ def save_state(state: dict, directory, iteration: int, keep: int) -> pathlib.Pat
     :class:`CheckpointError` saying why and what is left."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-
-    from rnope_megatron import faults
-    from rnope_megatron.checkpoint import writer_queue
 
     directory = pathlib.Path(directory)
     final = directory / iteration_dir_name(iteration)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pathlib
 
+from rnope_megatron.model.norms import is_norm_bias
+
 
 def one_backend_only(name: str) -> bool:
     """State that exists on one backend only (see module docstring)."""
-    from rnope_megatron.norms import is_norm_bias
-
     return name.endswith("_extra_state") or is_norm_bias(name)
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from rnope_megatron.checkpoint.layout import FAILURES, CheckpointError, resolve, unreadable
+from rnope_megatron.checkpoint.layout import FAILURES, CheckpointError, common_state, resolve, saved_recipe, unreadable
 from rnope_megatron.checkpoint.model_state import keep_what_the_checkpoint_holds, load_into
-from rnope_megatron.config import RNoPEConfig
+from rnope_megatron.checkpoint.quantizer_state import restore_quantizers
+from rnope_megatron.model.build import build_single_rank_model
+from rnope_megatron.model.config import RNoPEConfig
 
 
 class CheckpointReader:
@@ -25,8 +27,6 @@ class CheckpointReader:
 
     def __init__(self, path, cfg: RNoPEConfig):
         from megatron.core import dist_checkpointing
-
-        from rnope_megatron.model import build_single_rank_model
 
         self.path = resolve(path)
         view = build_single_rank_model(cfg, meta=True).sharded_state_dict()
@@ -71,12 +71,6 @@ def load_model(path, cfg: RNoPEConfig | None = None):
     ``cfg`` defaults to the model section saved with the checkpoint. A checkpoint with
     quantizers (rnope-quantize, QAT) loads with them (needs the ``quant`` extra)."""
     from megatron.core import dist_checkpointing
-
-    from rnope_megatron.checkpoint.layout import saved_recipe
-    from rnope_megatron.model import build_single_rank_model
-
-    from rnope_megatron.checkpoint.layout import common_state
-    from rnope_megatron.quantize.state import restore_quantizers
 
     path = resolve(path)
     cfg = cfg or RNoPEConfig.from_dict(saved_recipe(path)["model"])

@@ -19,9 +19,12 @@ import pathlib
 import torch
 import torch.distributed as dist
 
+from rnope_megatron.attention.native_cpu import kernel_in_use
 from rnope_megatron.checkpoint.layout import FAILURES, CheckpointError, common_state, save_state, unreadable
 from rnope_megatron.checkpoint.model_state import keep_what_the_checkpoint_holds, load_into
-from rnope_megatron.quantize.state import checkpoint_entries as quantizer_entries, restore_quantizers
+from rnope_megatron.checkpoint.quantizer_state import checkpoint_entries as quantizer_entries
+from rnope_megatron.checkpoint.quantizer_state import restore_quantizers
+from rnope_megatron.model.config import RNoPEConfig
 
 # Model fields that may differ between a checkpoint and the run that loads it: the
 # sequence length (a long-context stage, no RoPE rescaling), and settings that change
@@ -38,8 +41,6 @@ def chunk_keys(num_chunks: int) -> list[str]:
 def runtime_facts() -> dict:
     """What decides bit-exactness on CPU besides the state: torch's intra-op thread
     count and which sliding-window kernel runs. Recorded with each checkpoint."""
-    from rnope_megatron.attention.native_cpu import kernel_in_use
-
     return {"intra_op_threads": torch.get_num_threads(), "cpu_kernel": kernel_in_use()}
 
 
@@ -179,8 +180,6 @@ def _canonical(cfg) -> dict:
 
 def architecture_differences(saved_model: dict, model) -> list[str]:
     """``field: saved -> now`` for every model field that differs, except :data:`MAY_CHANGE`."""
-    from rnope_megatron.config import RNoPEConfig
-
     saved, now = _canonical(RNoPEConfig.from_dict(saved_model)), _canonical(model)
     return [f"model.{name}: {saved[name]!r} -> {now[name]!r}"
             for name in now if name not in MAY_CHANGE and saved.get(name) != now[name]]

@@ -7,7 +7,8 @@ import pathlib
 import re
 
 from rnope_megatron.checkpoint.layout import save_state
-from rnope_megatron.config import RNoPEConfig
+from rnope_megatron.model.build import build_single_rank_model
+from rnope_megatron.model.config import RNoPEConfig
 
 
 def _mismatches(torch_message: str) -> str:
@@ -23,8 +24,6 @@ def write_weights_checkpoint(cfg: RNoPEConfig, state: dict, out_dir, recipe: dic
     """Build a TP=1 model holding ``state`` (Megatron TP=PP=1 names) and save it as
     ``iter_0000000`` + ``latest``. ``recipe`` is stored with it (at least its ``model``
     section: tools rebuild the model from it)."""
-    from rnope_megatron.model import build_single_rank_model
-
     model = build_single_rank_model(cfg)
     try:
         result = model.load_state_dict(state, strict=False)

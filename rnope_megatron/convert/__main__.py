@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 
+from rnope_megatron.common.cli import one_line_errors, quiet_known_warnings
+from rnope_megatron.convert import commands
+from rnope_megatron.convert.commands import EXPORT_DTYPES
+from rnope_megatron.convert.targets import target_names
+
 
 def main(argv=None) -> int:
-    from rnope_megatron.cli import one_line_errors, quiet_known_warnings
-    from rnope_megatron.convert.targets import target_names
-    from rnope_megatron.convert.commands import EXPORT_DTYPES
-
     parser = argparse.ArgumentParser(prog="rnope-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,8 +41,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     quiet_known_warnings()
     with one_line_errors("rnope-convert"):
-        from rnope_megatron.convert import commands
-
         if args.command == "to-hf":
             commands.to_hf(args.checkpoint, args.out_dir, args.arch, args.dtype, args.force, args.shard_mb)
         else:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from rnope_megatron.config import RNoPEConfig
 from rnope_megatron.convert.mappings import QKV, Direct, GatedMLP, Mapping, Shapes
+from rnope_megatron.model.config import RNoPEConfig
 
 ADAPTERS: dict[str, "HFAdapter"] = {}
 """Registered targets by ``model_type`` (filled as :mod:`.targets` imports them)."""

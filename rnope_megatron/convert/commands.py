@@ -3,7 +3,7 @@
 ``to_hf``: a checkpoint rnope-train wrote (any TP/PP/VPP) -> a Hugging Face directory,
 streamed a layer at a time into safetensors shards. ``from_hf``: a Hugging Face directory
 -> a weights-only checkpoint plus ``model.yaml``. Both write through
-:func:`rnope_megatron.convert.output.staged_output` (nothing lost, nothing half-written).
+:func:`rnope_megatron.common.output.staged_output` (nothing lost, nothing half-written).
 """
 
 from __future__ import annotations
@@ -15,18 +15,22 @@ import shutil
 
 import yaml
 
-from rnope_megatron.config import DTYPES, RNoPEConfig
-from rnope_megatron.convert.targets import adapter_named, adapter_of
+from rnope_megatron.checkpoint.layout import resolve, saved_recipe
+from rnope_megatron.checkpoint.reader import CheckpointReader
+from rnope_megatron.checkpoint.weights_only import write_weights_checkpoint
+from rnope_megatron.common.distributed import ensure_single_process
+from rnope_megatron.common.output import staged_output
+from rnope_megatron.convert.byte_tokenizer import write_byte_tokenizer
 from rnope_megatron.convert.hf_dir import HFWeights, Progress, ShardedWriter, read_config, require_hf_extra
-from rnope_megatron.convert.output import staged_output
 from rnope_megatron.convert.streaming import convert, layer_groups, refuse_unused_hf_tensors
+from rnope_megatron.convert.targets import adapter_named, adapter_of
+from rnope_megatron.data.tokenizers import make_tokenizer
+from rnope_megatron.model.config import DTYPES, RNoPEConfig
 
 EXPORT_DTYPES = ("bf16", "fp32")
 
 
 def _end_of_document(tokenizer: str):
-    from rnope_megatron.data.tokenizers import make_tokenizer
-
     try:
         return make_tokenizer(tokenizer).eod
     except (OSError, ValueError):
@@ -36,10 +40,6 @@ def _end_of_document(tokenizer: str):
 def to_hf(ckpt: str, out: str, arch: str | None = None, dtype: str = "bf16", force: bool = False,
           shard_mb: int = 2000) -> dict:
     """Export a Megatron checkpoint as a Hugging Face directory (see module docstring)."""
-    from rnope_megatron.checkpoint.layout import resolve, saved_recipe
-    from rnope_megatron.checkpoint.reader import CheckpointReader
-    from rnope_megatron.distributed import ensure_single_process
-
     require_hf_extra()
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
@@ -78,8 +78,6 @@ def to_hf(ckpt: str, out: str, arch: str | None = None, dtype: str = "bf16", for
         if tokenizer != "bytes" and pathlib.Path(tokenizer).is_file():
             shutil.copy(tokenizer, stage / "tokenizer.json")
         elif tokenizer == "bytes":
-            from rnope_megatron.convert.byte_tokenizer import write_byte_tokenizer
-
             write_byte_tokenizer(stage)
     print(f"wrote {out} ({adapter.model_type}, {len(writer.files)} shard(s), {writer.total / 2**20:,.1f} MiB)")
     return {"arch": adapter.model_type, "shards": len(writer.files), "bytes": writer.total}
@@ -87,9 +85,6 @@ def to_hf(ckpt: str, out: str, arch: str | None = None, dtype: str = "bf16", for
 
 def from_hf(hf_dir: str, out: str, force: bool = False) -> dict:
     """Import a Hugging Face directory as a weights-only checkpoint + ``model.yaml``."""
-    from rnope_megatron.checkpoint.weights_only import write_weights_checkpoint
-    from rnope_megatron.distributed import ensure_single_process
-
     require_hf_extra()
     hf_path = pathlib.Path(hf_dir)
     hf = read_config(hf_path)

@@ -13,11 +13,11 @@ import time
 
 import torch
 
+from rnope_megatron.common.errors import MissingDependency
+
 
 def require_hf_extra() -> None:
     """Fail in one line when the ``hf`` extra (safetensors) is missing."""
-    from rnope_megatron.errors import MissingDependency
-
     try:
         import safetensors  # noqa: F401
     except ImportError:

@@ -9,9 +9,9 @@ RNoPE-SWA, so the export always writes explicit ``layer_types``.
 
 from __future__ import annotations
 
-from rnope_megatron.config import RNoPEConfig
 from rnope_megatron.convert.adapter import HFAdapter, HFConfig, letters, register
 from rnope_megatron.convert.mappings import Direct
+from rnope_megatron.model.config import RNoPEConfig
 
 
 @register

@@ -12,9 +12,9 @@ from typing import Callable, Iterator, Literal
 
 import torch
 
-from rnope_megatron.config import RNoPEConfig
 from rnope_megatron.convert.adapter import HFAdapter
 from rnope_megatron.convert.mappings import Mapping
+from rnope_megatron.model.config import RNoPEConfig
 
 Reader = Callable[[list[str]], dict[str, torch.Tensor]]
 

@@ -10,6 +10,8 @@ import random
 import sysconfig
 from typing import Iterator
 
+from rnope_megatron.recipe.sections import RETRIEVAL_TASKS
+
 
 def stdlib_documents(limit_bytes: int = 4_000_000) -> Iterator[str]:
     """Source files of the running Python's standard library, in a fixed order."""
@@ -64,7 +66,6 @@ class RetrievalDocument:
         return haystack[:cut] + self.needle + haystack[cut:] + self.question + self.answer + self.tail
 
 
-RETRIEVAL_TASKS = ("passkey", "key_value")
 
 
 def retrieval_documents(count: int, seed: int, tasks=RETRIEVAL_TASKS, max_pairs: int = 8) -> Iterator[RetrievalDocument]:

@@ -9,6 +9,7 @@ would have).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pathlib
 from typing import Iterable, Iterator
@@ -91,10 +92,30 @@ def _ensure(prefix: pathlib.Path, make_docs, tokenizer, to_tokens=None, vocab_si
     return str(prefix)
 
 
-def dataset_prefixes(recipe, cache_dir: pathlib.Path, tokenizer) -> tuple[list[str], list[float] | None]:
-    """Indexed-dataset prefixes and blend weights for the recipe (building the embedded
-    corpora on first use; call on one rank, then barrier)."""
-    d = recipe.data
+@dataclasses.dataclass(frozen=True)
+class SampleShape:
+    """What a dataset needs beyond the ``data:`` section: the sample length, the seed,
+    the model's vocabulary and how many samples the run will draw."""
+
+    seq_length: int
+    """Tokens per sample (the labels are the next tokens: each row reads seq_length + 1)."""
+    seed: int
+    """Seed of the sample order and of the synthetic retrieval cases."""
+    vocab_size: int
+    """The model's vocabulary (the tokenizer must fit; answers-only markers sit above it)."""
+    planned_samples: int
+    """Samples the run draws (sizes the retrieval mix so a run rarely repeats a case)."""
+
+    @classmethod
+    def of(cls, recipe) -> "SampleShape":
+        """The shape a training recipe asks for."""
+        t = recipe.train
+        return cls(t.seq_length, t.seed, recipe.model.vocab_size, t.iters * t.global_batch_size)
+
+
+def dataset_prefixes(d, shape: SampleShape, cache_dir: pathlib.Path, tokenizer) -> tuple[list[str], list[float] | None]:
+    """Indexed-dataset prefixes and blend weights for the ``data:`` section ``d`` (building
+    the embedded corpora on first use; call on one rank, then barrier)."""
     # Cache names identify the tokenizer by content, not file name (tokenizer.json is common).
     tag = "bytes" if d.tokenizer == "bytes" else "hf-" + hashlib.sha256(
         pathlib.Path(d.tokenizer).read_bytes()).hexdigest()[:12]
@@ -109,10 +130,10 @@ def dataset_prefixes(recipe, cache_dir: pathlib.Path, tokenizer) -> tuple[list[s
         # One case per training sample (see retrieval_token_documents), and enough cases
         # that a run rarely sees one twice (a key seen again could be memorised instead
         # of retrieved): at least 2000, at most 200k.
-        t = recipe.train
+        t = shape
         share = 1.0 if d.source == "synthetic-retrieval" else d.retrieval_fraction
-        count = min(200_000, max(2000, int(t.iters * t.global_batch_size * share * 1.1)))
-        offset = no_loss_offset(recipe.model.vocab_size) if d.retrieval_loss == "answers" else 0
+        count = min(200_000, max(2000, int(shape.planned_samples * share * 1.1)))
+        offset = no_loss_offset(shape.vocab_size) if d.retrieval_loss == "answers" else 0
         retrieval = _ensure(
             cache_dir / (f"retrieval-{tag}-{'+'.join(d.retrieval_tasks)}-{t.seq_length}-{count}-seed{t.seed}" + (f"-answers{offset}" if offset else "")),
             lambda: retrieval_documents(count, t.seed, tuple(d.retrieval_tasks)),
@@ -130,32 +151,33 @@ def dataset_prefixes(recipe, cache_dir: pathlib.Path, tokenizer) -> tuple[list[s
     return paths, weights
 
 
-def build_dataset(recipe, cache_dir: pathlib.Path, num_samples: int):
-    """The training GPTDataset (or BlendedDataset) with at least ``num_samples`` samples."""
+def build_dataset(data, shape: SampleShape, cache_dir: pathlib.Path, num_samples: int):
+    """The training GPTDataset (or BlendedDataset) of the ``data:`` section ``data`` with at
+    least ``num_samples`` samples of ``shape``."""
     import torch.distributed as dist
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    tokenizer = make_tokenizer(recipe.data.tokenizer)
-    if tokenizer.vocab_size > recipe.model.vocab_size:
+    tokenizer = make_tokenizer(data.tokenizer)
+    if tokenizer.vocab_size > shape.vocab_size:
         raise ValueError(
-            f"data.tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={recipe.model.vocab_size}"
+            f"data.tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={shape.vocab_size}"
         )
     cache_dir.mkdir(parents=True, exist_ok=True)
     first = not dist.is_initialized() or dist.get_rank() == 0
     if first:
-        prefixes, weights = dataset_prefixes(recipe, cache_dir, tokenizer)
+        prefixes, weights = dataset_prefixes(data, shape, cache_dir, tokenizer)
     if dist.is_initialized():
         dist.barrier()
     if not first:
-        prefixes, weights = dataset_prefixes(recipe, cache_dir, tokenizer)
+        prefixes, weights = dataset_prefixes(data, shape, cache_dir, tokenizer)
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):
             if not pathlib.Path(prefix + suffix).exists():
                 raise FileNotFoundError(f"data.paths: {prefix}{suffix} does not exist")
     config = GPTDatasetConfig(
-        random_seed=recipe.train.seed,
-        sequence_length=recipe.train.seq_length,
+        random_seed=shape.seed,
+        sequence_length=shape.seq_length,
         blend=(prefixes, weights),
         split="100,0,0",
         path_to_cache=str(cache_dir / "index-cache"),
@@ -167,16 +189,16 @@ def build_dataset(recipe, cache_dir: pathlib.Path, num_samples: int):
         mid_level_dataset_surplus=0.05,
     )
     train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config).build()
-    if recipe.data.retrieval_loss == "answers" and (recipe.data.retrieval_fraction > 0
-                                                    or recipe.data.source == "synthetic-retrieval"):
-        train = AnswerOnlyLoss(train, no_loss_offset(recipe.model.vocab_size))
+    if data.retrieval_loss == "answers" and (data.retrieval_fraction > 0 or data.source == "synthetic-retrieval"):
+        train = AnswerOnlyLoss(train, no_loss_offset(shape.vocab_size))
     return train
 
 
-def batch_for(dataset, iteration: int, microbatch: int, recipe, dp_rank: int, dp_size: int) -> dict:
-    """Micro-batch ``microbatch`` of data-parallel rank ``dp_rank`` at 0-based ``iteration``:
-    samples are laid out globally as [iteration][dp rank][micro-batch][row]."""
-    t = recipe.train
+def batch_for(dataset, iteration: int, microbatch: int, train, dp_rank: int, dp_size: int) -> dict:
+    """Micro-batch ``microbatch`` of data-parallel rank ``dp_rank`` at 0-based ``iteration``
+    (batch sizes from the ``train:`` section): samples are laid out globally as
+    [iteration][dp rank][micro-batch][row]."""
+    t = train
     per_rank = t.global_batch_size // dp_size
     start = iteration * t.global_batch_size + dp_rank * per_rank + microbatch * t.micro_batch_size
     samples = [dataset[start + i] for i in range(t.micro_batch_size)]

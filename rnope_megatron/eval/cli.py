@@ -21,6 +21,13 @@ import pathlib
 import sys
 import time
 
+from rnope_megatron.common.cli import one_line_errors, quiet_known_warnings
+from rnope_megatron.eval import models, plots
+from rnope_megatron.eval.lm_eval_tasks import write_tasks
+from rnope_megatron.eval.loss import loss_command, write_loss_outputs
+from rnope_megatron.eval.scoring import by_length, default_batch_size, evaluate_grid
+from rnope_megatron.eval.tasks import build_grid, minimum_length
+
 
 def parse_lengths(text: str) -> list[int]:
     """``1k,2k,4096`` -> [1024, 2048, 4096] (k = 1024, as long-context evaluations count)."""
@@ -60,10 +67,6 @@ def _write_json(result: dict, target) -> None:
 
 def retrieval_command(task: str, args) -> dict:
     """Build the grid, score it, write the outputs (see module docstring)."""
-    from rnope_megatron.eval import models, plots
-    from rnope_megatron.eval.scoring import by_length, default_batch_size, evaluate_grid
-    from rnope_megatron.eval.tasks import build_grid, minimum_length
-
     lengths, depths = parse_lengths(args.lengths), parse_depths(args.depths)
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
@@ -100,6 +103,14 @@ def retrieval_command(task: str, args) -> dict:
     return result
 
 
+def lm_eval_tasks_command(args) -> dict:
+    """``rnope-eval lm-eval-tasks``: this package's cases as a harness task directory."""
+    tokenizer = models.tokenizer_of(args.tokenizer, "--tokenizer")
+    names = write_tasks(args.out, args.task, parse_lengths(args.lengths), parse_depths(args.depths),
+                        args.samples, args.seed, tokenizer)
+    return {"out": str(args.out), "tasks": names, "group": f"rnope_{args.task}"}
+
+
 def _table(result: dict) -> str:
     depths, lengths = result["depths"], result["lengths"]
     cell = {(r["length"], r["depth"]): r["accuracy"] for r in result["cells"]}
@@ -112,8 +123,6 @@ def _table(result: dict) -> str:
 
 
 def loss_main(args) -> dict:
-    from rnope_megatron.eval.loss import loss_command, write_loss_outputs
-
     if args.png and not pathlib.Path(args.png).parent.is_dir():
         raise FileNotFoundError(f"--png {args.png}: folder {pathlib.Path(args.png).parent} does not exist")
     result = loss_command(args.checkpoint, args.input_ids, args.data, args.length, args.samples, args.seed)
@@ -161,14 +170,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from rnope_megatron.cli import one_line_errors, quiet_known_warnings
-
     args = _parser().parse_args(argv)
     quiet_known_warnings()
     with one_line_errors("rnope-eval"):
         if args.command == "lm-eval-tasks":
-            from rnope_megatron.eval.lm_eval_tasks import lm_eval_tasks_command
-
             result = lm_eval_tasks_command(args)
             print(f"wrote {len(result['tasks'])} tasks to {result['out']}: lm_eval run --model hf "
                   f"--model_args pretrained=HF_DIR --include_path {result['out']} --tasks {result['group']}")

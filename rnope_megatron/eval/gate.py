@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import torch
 
+from rnope_megatron.data.tokenizers import make_tokenizer
 from rnope_megatron.eval.scoring import by_length, default_batch_size, evaluate_grid
 from rnope_megatron.eval.tasks import build_grid, minimum_length
+from rnope_megatron.model.build import run_model
 
 
 class EvalGate:
     """Retrieval tasks on model chunk 0 of the engine (PP=1: the whole model)."""
 
     def __init__(self, recipe, model_chunks: list, device):
-        from rnope_megatron.data.tokenizers import make_tokenizer
-
         e = recipe.eval
         self.interval = e.interval
         self.model = model_chunks[0]
@@ -55,7 +55,6 @@ class EvalGate:
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
         ids = ids.to(self.device)
-        from rnope_megatron.model import run_model
 
         logits = run_model(self.model, ids)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:

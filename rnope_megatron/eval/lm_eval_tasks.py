@@ -50,12 +50,3 @@ def write_tasks(out, task: str, lengths, depths, samples: int, seed: int, tokeni
     (out / f"rnope_{task}.yaml").write_text(json.dumps(group, indent=2) + "\n")
     return names
 
-
-def lm_eval_tasks_command(args) -> dict:
-    from rnope_megatron.eval.cli import parse_depths, parse_lengths
-    from rnope_megatron.eval.models import tokenizer_of
-
-    tokenizer = tokenizer_of(args.tokenizer, "--tokenizer")
-    names = write_tasks(args.out, args.task, parse_lengths(args.lengths), parse_depths(args.depths),
-                        args.samples, args.seed, tokenizer)
-    return {"out": str(args.out), "tasks": names, "group": f"rnope_{args.task}"}

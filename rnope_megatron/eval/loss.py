@@ -10,13 +10,23 @@ its context keeps lowering the loss with position, also past the training length
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import pathlib
 import tempfile
 
 import torch
+
+from rnope_megatron.checkpoint.layout import resolve, saved_recipe
+from rnope_megatron.checkpoint.reader import load_model
+from rnope_megatron.common.distributed import ensure_single_process
+from rnope_megatron.common.typed import build_dataclass
+from rnope_megatron.data.dataset import SampleShape, build_dataset
+from rnope_megatron.eval.models import quiet_checkpoint_reading
+from rnope_megatron.eval.plots import loss_curve
+from rnope_megatron.model.build import run_model
+from rnope_megatron.recipe import read_yaml
+from rnope_megatron.recipe.sections import DataSection
 
 
 def _ids_from_json(path: pathlib.Path) -> list:
@@ -66,7 +76,6 @@ def per_position_loss(model, ids: torch.Tensor) -> torch.Tensor:
     """Loss of each predicted token, averaged over the batch: [seq - 1] (float64)."""
     with torch.no_grad():
         tokens, labels = ids[:, :-1], ids[:, 1:]
-        from rnope_megatron.model import run_model
 
         return run_model(model, tokens, labels).double().mean(dim=0)
 
@@ -87,8 +96,6 @@ def _data_section(path) -> dict:
     the file's mapping itself when it is a bare data section."""
     import yaml
 
-    from rnope_megatron.train.recipe import read_yaml
-
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data {path} not found")
@@ -106,15 +113,11 @@ def _data_section(path) -> dict:
 def dataset_ids(data_file, cfg, length: int, samples: int, seed: int) -> torch.Tensor:
     """``samples`` sequences of ``length`` tokens from the data section in ``data_file``,
     built by the trainer's own dataset code (same blend, tokenizer and retrieval mix)."""
-    from rnope_megatron.data.dataset import build_dataset
-    from rnope_megatron.train.recipe import recipe_from_dict
-
-    data = _data_section(data_file)
-    recipe = recipe_from_dict({"model": dataclasses.asdict(cfg), "data": data,
-                               "train": {"seq_length": length - 1, "seed": seed}})
-    cache = pathlib.Path(recipe.data.cache_dir) if recipe.data.cache_dir else None
+    data = build_dataclass(DataSection, _data_section(data_file), "data")
+    shape = SampleShape(seq_length=length - 1, seed=seed, vocab_size=cfg.vocab_size, planned_samples=samples)
+    cache = pathlib.Path(data.cache_dir) if data.cache_dir else None
     with tempfile.TemporaryDirectory(prefix="rnope-eval-data-") as scratch:
-        dataset = build_dataset(recipe, cache or pathlib.Path(scratch), samples)
+        dataset = build_dataset(data, shape, cache or pathlib.Path(scratch), samples)
         # GPTDataset returns tokens/labels shifted by one: rebuild the length-token rows
         rows = [torch.cat([dataset[i]["tokens"][:1], dataset[i]["labels"]]) for i in range(samples)]
     return torch.stack(rows).long()
@@ -122,11 +125,6 @@ def dataset_ids(data_file, cfg, length: int, samples: int, seed: int) -> torch.T
 
 def loss_command(checkpoint, input_ids=None, data=None, length=None, samples=8, seed=0) -> dict:
     """Mean loss and its per-position profile in octave bins (see module docstring)."""
-    from rnope_megatron.checkpoint.layout import resolve, saved_recipe
-    from rnope_megatron.checkpoint.reader import load_model
-    from rnope_megatron.distributed import ensure_single_process
-    from rnope_megatron.eval.models import quiet_checkpoint_reading
-
     if bool(input_ids) == bool(data):
         raise ValueError("give exactly one of --input-ids FILE or --data FILE")
     if data is not None and (length is None or length < 2):
@@ -159,8 +157,6 @@ def write_loss_outputs(result: dict, json_path=None, png=None, title="") -> None
     if json_path:
         pathlib.Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     if png:
-        from rnope_megatron.eval.plots import loss_curve
-
         bins = result["per_position"]
         # plot each bin at its geometric centre (log-scaled x axis)
         xs = [max(1, math.sqrt(max(b["start"], 1) * b["end"])) for b in bins]

@@ -19,7 +19,13 @@ from typing import Optional
 
 import torch
 
+from rnope_megatron.checkpoint.layout import resolve, saved_recipe
+from rnope_megatron.checkpoint.reader import load_model
+from rnope_megatron.common.distributed import ensure_single_process
+from rnope_megatron.convert.hf_dir import read_config, require_hf_extra
+from rnope_megatron.data.tokenizers import make_tokenizer
 from rnope_megatron.eval.scoring import LogitsFn
+from rnope_megatron.model.build import run_model
 
 
 @dataclasses.dataclass
@@ -50,16 +56,12 @@ def megatron_logits(model) -> LogitsFn:
 
     @torch.no_grad()
     def logits(ids: torch.Tensor) -> torch.Tensor:
-        from rnope_megatron.model import run_model
-
         return run_model(model, ids)
 
     return logits
 
 
 def tokenizer_of(spec: str, where: str):
-    from rnope_megatron.data.tokenizers import make_tokenizer
-
     try:
         return make_tokenizer(spec)
     except (OSError, ValueError) as err:
@@ -68,10 +70,6 @@ def tokenizer_of(spec: str, where: str):
 
 def from_checkpoint(path, threads: Optional[int] = None) -> Evaluated:
     """A checkpoint rnope-train or rnope-convert wrote (``iter_N`` or its parent)."""
-    from rnope_megatron.checkpoint.layout import resolve, saved_recipe
-    from rnope_megatron.checkpoint.reader import load_model
-    from rnope_megatron.distributed import ensure_single_process
-
     source = resolve(path)
     recipe = saved_recipe(source)
     tokenizer = tokenizer_of((recipe.get("data") or {}).get("tokenizer", "bytes"), f"checkpoint {source}")
@@ -92,8 +90,6 @@ def from_checkpoint(path, threads: Optional[int] = None) -> Evaluated:
 def from_hf(path, threads: Optional[int] = None) -> Evaluated:
     """An exported Hugging Face directory, run by transformers (float32, eager on CPU: the
     reference implementation, not a fast one)."""
-    from rnope_megatron.convert.hf_dir import read_config, require_hf_extra
-
     require_hf_extra()
     directory = pathlib.Path(path)
     hf = read_config(directory)

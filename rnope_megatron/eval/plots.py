@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
-from rnope_megatron.errors import MissingDependency
+from rnope_megatron.common.errors import MissingDependency
 
 
 def _pyplot():

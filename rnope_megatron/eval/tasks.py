@@ -22,10 +22,17 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from rnope_megatron.data.corpora import (FILLER, key_value_needle, key_value_question, passkey_needle,
-                                         passkey_question, stdlib_documents)
+from rnope_megatron.data.corpora import (
+    FILLER,
+    key_value_needle,
+    key_value_question,
+    passkey_needle,
+    passkey_question,
+    stdlib_documents,
+)
+from rnope_megatron.recipe.sections import EVAL_TASKS
 
-TASKS = ("passkey", "niah")
+TASKS = EVAL_TASKS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,12 @@ import argparse
 import json
 import sys
 
+from rnope_megatron.common.cli import one_line, one_line_errors
+from rnope_megatron.plan import make_plan, render
+from rnope_megatron.plan.core import resolve_cluster
+from rnope_megatron.recipe import RecipeError, load_recipe
+from rnope_megatron.recipe.validation import validate
+
 NOT_FITTING = 3
 
 
@@ -35,9 +41,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_run_dir(recipe, args) -> int:
-    from rnope_megatron.plan.core import resolve_cluster
-    from rnope_megatron.train.validation import validate
-
     nodes, gpus_per_node, _ = resolve_cluster(recipe, args.nodes, args.gpus_per_node, args.gpu)
     validate(recipe, world_size=nodes * gpus_per_node)
     print(recipe.run_dir, flush=True)
@@ -45,13 +48,8 @@ def _print_run_dir(recipe, args) -> int:
 
 
 def main(argv=None) -> int:
-    from rnope_megatron.cli import one_line, one_line_errors
-
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     with one_line_errors("rnope-plan"):
-        from rnope_megatron.plan import make_plan, render
-        from rnope_megatron.train.recipe import RecipeError, load_recipe
-
         try:
             recipe = load_recipe(args.recipe, args.overrides)
             if args.run_dir:

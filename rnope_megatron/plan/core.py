@@ -1,9 +1,9 @@
 """A recipe's plan: validated layout, layer map, memory per GPU, FLOPs, step time and the
 speed-up over the matching all-global RoPE baseline, as one JSON-ready mapping.
 
-Validation is the trainer's own (:func:`rnope_megatron.train.validation.validate` with the
+Validation is the trainer's own (:func:`rnope_megatron.recipe.validation.validate` with the
 planned world size): a layout the planner accepts is one ``rnope-train`` accepts, with
-the same messages. FLOPs come from :mod:`rnope_megatron.flops`, the model the trainer
+the same messages. FLOPs come from :mod:`rnope_megatron.model.flops`, the model the trainer
 logs TFLOP/s and MFU with.
 """
 
@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-from rnope_megatron.errors import UserError
-from rnope_megatron.flops import (attention_flops_per_token, forward_flops_breakdown,
-                                  training_flops_per_token)
-from rnope_megatron.gpus import GPU, by_name
+from rnope_megatron.common.errors import UserError
+from rnope_megatron.common.gpus import GPU, by_name
+from rnope_megatron.model.flops import attention_flops_per_token, forward_flops_breakdown, training_flops_per_token
 from rnope_megatron.plan.layers import layer_map
 from rnope_megatron.plan.memory import GB, USABLE_FRACTION, Setup, plan_memory
+from rnope_megatron.recipe import load_recipe
+from rnope_megatron.recipe.validation import data_parallel_size, validate
 
 # Assumed sustained share of the bf16 peak when --achieved-tflops is not given: what
 # well-tuned Megatron runs of dense 8B-70B models report on H100 (35-45% MFU).
@@ -37,8 +38,6 @@ def baseline_model(recipe, path: pathlib.Path | None):
     """The all-global RoPE baseline of ``recipe``'s model and where it came from: the
     sibling ``baseline-<stage>.yaml`` when there is one (the 8B recipes), else the same
     shape with pattern R (every layer global with RoPE)."""
-    from rnope_megatron.train.recipe import load_recipe
-
     if path is not None and not path.name.startswith("baseline-"):
         sibling = path.with_name(f"baseline-{path.name}")
         if sibling.is_file():
@@ -75,8 +74,6 @@ def resolve_cluster(recipe, nodes: int | None, gpus_per_node: int | None, gpu: s
 def make_plan(recipe, path=None, nodes: int | None = None, gpus_per_node: int | None = None,
               gpu: str | None = None, achieved_tflops: float | None = None) -> dict:
     """Validate ``recipe`` for the cluster and price it (see the module docstring)."""
-    from rnope_megatron.train.validation import data_parallel_size, validate
-
     nodes, gpus_per_node, device = resolve_cluster(recipe, nodes, gpus_per_node, gpu)
     world = nodes * gpus_per_node
     validate(recipe, world_size=world)

@@ -1,19 +1,19 @@
 """Which layers each pipeline rank holds, per virtual pipeline chunk.
 
 Megatron decides it (``get_transformer_layer_offset`` and ``get_num_layers_to_build``,
-through :func:`rnope_megatron.specs.stage_layer_numbers`, the function the model's specs
+through :func:`rnope_megatron.model.specs.stage_layer_numbers`, the function the model's specs
 are built with), so the plan cannot drift from what a run builds; they need no process
-group when the rank is given. Layer kinds come from :mod:`rnope_megatron.pattern`.
+group when the rank is given. Layer kinds come from :mod:`rnope_megatron.model.pattern`.
 """
 
 from __future__ import annotations
 
+from rnope_megatron.model.config import ParallelLayout
+from rnope_megatron.model.specs import stage_layer_numbers
+
 
 def chunk_layers(model, pipeline: int, virtual: int | None, rank: int, chunk: int) -> list[int]:
     """Megatron's global 1-based layer numbers of ``chunk`` on pipeline ``rank``."""
-    from rnope_megatron.config import ParallelLayout
-    from rnope_megatron.specs import stage_layer_numbers
-
     # Tensor/context sizes do not move layers: a config with only the pipeline layout.
     config = model.to_transformer_config(ParallelLayout(pipeline=pipeline, virtual_pipeline=virtual))
     return stage_layer_numbers(config, chunk if virtual else None, rank)

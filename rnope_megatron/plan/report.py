@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rnope_megatron.flops import COMPONENTS
+from rnope_megatron.model.flops import COMPONENTS
 
 
 def _layers(chunk: dict) -> str:

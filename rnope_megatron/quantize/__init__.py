@@ -1,7 +1,7 @@
 """Quantization with NVIDIA Model Optimizer (``nvidia-modelopt``, the ``quant`` extra).
 
 * :mod:`.formats`: the formats ``rnope-quantize`` offers and the modelopt configs behind
-  them; the one place modelopt is imported (:func:`.formats.require_modelopt`).
+  them; modelopt is imported through :func:`rnope_megatron.checkpoint.quantizer_state.require_modelopt`.
 * :mod:`.calibration`: calibration and evaluation batches from the recipe's data, the
   calibration forward loop with progress and ETA.
 * :mod:`.state`: quantizers in rnope-train checkpoints (saved with the weights, restored

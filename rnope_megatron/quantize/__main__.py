@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 
+from rnope_megatron.common.cli import one_line_errors, quiet_known_warnings
+from rnope_megatron.quantize.command import quantize
+
 
 def main(argv=None) -> int:
-    from rnope_megatron.cli import one_line_errors, quiet_known_warnings
-
     parser = argparse.ArgumentParser(prog="rnope-quantize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
@@ -36,8 +37,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     quiet_known_warnings()
     with one_line_errors("rnope-quantize"):
-        from rnope_megatron.quantize.command import quantize
-
         quantize(args.checkpoint, args.out_dir, args.format, args.calib_samples, args.calib_seq_length,
                  args.eval_samples, args.hf, args.arch, args.force)
     return 0

@@ -16,6 +16,10 @@ import time
 
 import torch
 
+from rnope_megatron.data.dataset import SampleShape, build_dataset
+from rnope_megatron.model.build import run_model
+from rnope_megatron.recipe import recipe_from_dict
+
 
 @dataclasses.dataclass
 class Batches:
@@ -29,17 +33,14 @@ class Batches:
 def recipe_batches(recipe_dict: dict, calib_samples: int, eval_samples: int, seq_length: int | None,
                    cache_dir: pathlib.Path) -> Batches:
     """Batches from the saved recipe's data (see module docstring)."""
-    from rnope_megatron.data.dataset import build_dataset
-    from rnope_megatron.train.recipe import recipe_from_dict
-
     recipe = recipe_from_dict(recipe_dict)
     t = recipe.train
     seq = seq_length or t.seq_length
     if seq > recipe.model.max_seq_length:
         raise ValueError(f"--calib-seq-length {seq} exceeds model.max_seq_length={recipe.model.max_seq_length}")
-    recipe.train = dataclasses.replace(t, seq_length=seq)
     start = t.iters * t.global_batch_size
-    dataset = build_dataset(recipe, cache_dir, start + calib_samples + eval_samples)
+    shape = dataclasses.replace(SampleShape.of(recipe), seq_length=seq)
+    dataset = build_dataset(recipe.data, shape, cache_dir, start + calib_samples + eval_samples)
     micro = t.micro_batch_size
 
     def batches(first: int, count: int) -> list:
@@ -77,8 +78,6 @@ class Progress:
 def calibration_loop(batches: list, every: float = 5.0):
     """The ``forward_loop`` for ``mtq.quantize``: runs every calibration batch. modelopt
     calls it once per calibration pass (AWQ runs two), so passes are numbered."""
-    from rnope_megatron.model import run_model
-
     passes = [0]
 
     def loop(model) -> None:
@@ -95,8 +94,6 @@ def calibration_loop(batches: list, every: float = 5.0):
 @torch.no_grad()
 def mean_loss(model, batches: list) -> float:
     """Mean next-token cross entropy over every evaluation token."""
-    from rnope_megatron.model import run_model
-
     total, count = 0.0, 0
     for tokens in batches:
         per_token = run_model(model, tokens[:, :-1], tokens[:, 1:])

@@ -20,6 +20,14 @@ import time
 
 import torch
 
+from rnope_megatron.checkpoint import quantizer_state as state
+from rnope_megatron.checkpoint.layout import common_state, resolve, save_state
+from rnope_megatron.checkpoint.reader import load_model
+from rnope_megatron.common.distributed import ensure_single_process
+from rnope_megatron.common.output import check_output, staged_output
+from rnope_megatron.model.config import RNoPEConfig
+from rnope_megatron.quantize import calibration, formats, hf_export
+
 
 def _inputs_of(source: pathlib.Path) -> list:
     return [source.parent if (source.parent / "latest").is_file() else source]
@@ -30,13 +38,6 @@ def quantize(ckpt: str, out: str, format_name: str | None, calib_samples: int = 
              arch: str | None = None, force: bool = False, progress_every: float = 5.0) -> dict:
     """Quantize the checkpoint at ``ckpt`` into ``out`` (see module docstring). Returns the
     report written to ``quantization.json``."""
-    from rnope_megatron.checkpoint.layout import common_state, resolve
-    from rnope_megatron.checkpoint.reader import load_model
-    from rnope_megatron.config import RNoPEConfig
-    from rnope_megatron.convert.output import check_output
-    from rnope_megatron.distributed import ensure_single_process
-    from rnope_megatron.quantize import calibration, formats, state
-
     formats.require_modelopt()  # before any work: the missing extra is one line
     for name, value in (("--calib-samples", calib_samples), ("--eval-samples", eval_samples)):
         if value < 1:
@@ -60,8 +61,6 @@ def quantize(ckpt: str, out: str, format_name: str | None, calib_samples: int = 
         formats.check_device(fmt, torch.cuda.is_available())
     adapter = None
     if hf_dir is not None:
-        from rnope_megatron.quantize import hf_export
-
         adapter = hf_export.prepare(cfg, arch)  # refuses what the target cannot hold, before any work
         check_output(hf_dir, _inputs_of(source), force)
         if pathlib.Path(hf_dir).resolve() == pathlib.Path(out).resolve():
@@ -107,8 +106,6 @@ def quantize(ckpt: str, out: str, format_name: str | None, calib_samples: int = 
 def calibrate(model, fmt, batches: list, progress_every: float = 5.0) -> float:
     """Quantize ``model`` in place to ``fmt``, calibrating on ``batches``; returns the
     calibration time in seconds."""
-    from rnope_megatron.quantize import calibration, formats, state
-
     mtq = formats.require_modelopt()
     started = time.monotonic()
     quantized = mtq.quantize(model, formats.modelopt_config(fmt),
@@ -123,10 +120,6 @@ def calibrate(model, fmt, batches: list, progress_every: float = 5.0) -> float:
 def write_checkpoint(model, recipe: dict, report: dict, out, inputs: list, force: bool = False) -> None:
     """``out``: ``iter_0000000`` (weights, quantizers, the recipe, the report), ``latest`` and
     ``quantization.json``, staged (whole or not at all)."""
-    from rnope_megatron.checkpoint.layout import save_state
-    from rnope_megatron.convert.output import staged_output
-    from rnope_megatron.quantize import state
-
     model._rnope_quantization = report  # saved with the checkpoint; read by the HF export
     with staged_output(out, inputs, force, {"command": "quantize", "format": report.get("format")}) as stage:
         save_state({"model": model.sharded_state_dict(), "recipe": recipe, **state.checkpoint_entries([model]),

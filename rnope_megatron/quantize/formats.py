@@ -13,10 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-from rnope_megatron.errors import MissingDependency
-
-EXTRA = "quant"
-INSTALL_HINT = f"pip install 'rnope-megatron[{EXTRA}]'"
+from rnope_megatron.checkpoint.quantizer_state import EXTRA, INSTALL_HINT, require_modelopt  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,20 +38,6 @@ FORMATS = {f.name: f for f in (
     Format("int4_awq", "INT4_AWQ_CFG", "INT4 weights (blocks of 128, AWQ-lite scales), 16-bit activations"),
     Format("int8_sq", "INT8_SMOOTHQUANT_CFG", "INT8 weights (per channel) and activations (per tensor), SmoothQuant"),
 )}
-
-
-def require_modelopt():
-    """``modelopt.torch.quantization``, or a one-line :class:`MissingDependency` naming the
-    extra to install."""
-    try:
-        import modelopt.torch.quantization as mtq
-    except ImportError as err:
-        raise MissingDependency(f"quantization needs NVIDIA Model Optimizer (nvidia-modelopt, the '{EXTRA}' "
-                                f"extra): {INSTALL_HINT} ({err})") from None
-    from rnope_megatron.compat import cpu
-
-    cpu.scope_optional_modules()  # CPU runs: its Megatron plugin's CUDA calls, as Megatron's
-    return mtq
 
 
 def format_named(name: str) -> Format:

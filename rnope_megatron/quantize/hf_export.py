@@ -23,12 +23,16 @@ import shutil
 
 import torch
 
+from rnope_megatron.common.output import staged_output
+from rnope_megatron.convert.hf_dir import require_hf_extra
+from rnope_megatron.convert.streaming import layer_groups, megatron_to_hf
+from rnope_megatron.convert.targets import adapter_named
+from rnope_megatron.data.tokenizers import make_tokenizer
+from rnope_megatron.quantize.formats import FORMATS, modelopt_config, require_modelopt
+
 
 def prepare(cfg, arch: str | None):
     """The target adapter; refuses a model it cannot represent (before any work)."""
-    from rnope_megatron.convert.hf_dir import require_hf_extra
-    from rnope_megatron.convert.targets import adapter_named
-
     require_hf_extra()
     adapter = adapter_named(arch or ("cohere2" if cfg.block == "parallel" else "smollm3"))
     adapter.to_hf(cfg)
@@ -74,9 +78,6 @@ def quantized_hf_model(model, cfg, adapter, fmt_config: dict, eod: int | None = 
     """The transformers model holding ``model``'s weights and quantizers (see module
     docstring); ``eod``: the tokenizer's end-of-document id (eos and pad, as rnope-convert)."""
     import transformers
-
-    from rnope_megatron.convert.streaming import layer_groups, megatron_to_hf
-    from rnope_megatron.quantize.formats import require_modelopt
 
     mtq = require_modelopt()
     hf_cfg = adapter.to_hf(cfg)
@@ -127,10 +128,6 @@ SHAPE_PROPERTIES = ("_original_shape", "_block_reshape_size", "_padding", "_slic
 def export(model, cfg, adapter, recipe: dict, hf_dir, inputs: list, force: bool) -> dict:
     """Write the quantized Hugging Face directory (staged, like rnope-convert's outputs)."""
     from modelopt.torch.export import export_hf_checkpoint
-
-    from rnope_megatron.convert.output import staged_output
-    from rnope_megatron.data.tokenizers import make_tokenizer
-    from rnope_megatron.quantize.formats import FORMATS, modelopt_config
 
     fmt_name = (getattr(model, "_rnope_quantization", None) or {}).get("format")
 

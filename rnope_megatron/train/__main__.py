@@ -18,6 +18,14 @@ from __future__ import annotations
 import os
 import sys
 
+from rnope_megatron.common import gpus
+from rnope_megatron.common.cli import one_line, one_line_errors, quiet_known_warnings
+from rnope_megatron.model.precision import Platform, plan_precision
+from rnope_megatron.recipe import RecipeError, load_recipe
+from rnope_megatron.recipe.validation import validate, validate_input_files
+from rnope_megatron.train.console import describe_attention
+from rnope_megatron.train.loop import run
+
 
 def _split_options(argv: list[str]) -> tuple[bool, str | None, list[str]]:
     """(--check given, --gpu value, the remaining arguments)."""
@@ -39,17 +47,12 @@ def _split_options(argv: list[str]) -> tuple[bool, str | None, list[str]]:
 
 def _platform(gpu_name: str | None):
     """The Platform a recipe is checked for: --gpu's, else this machine's (None without CUDA)."""
-    from rnope_megatron import gpus
-    from rnope_megatron.precision import Platform
-
     if gpu_name is not None:
         return Platform(gpus.by_name(gpu_name))
     return Platform.detect()
 
 
 def main(argv=None) -> int:
-    from rnope_megatron.cli import one_line, one_line_errors, quiet_known_warnings
-
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -59,10 +62,6 @@ def main(argv=None) -> int:
         raise SystemExit("rnope-train: no recipe given (rnope-train [--check [--gpu NAME]] RECIPE.yaml ...)")
     quiet_known_warnings()
     with one_line_errors("rnope-train"):
-        from rnope_megatron.precision import describe_attention, plan_precision
-        from rnope_megatron.train.recipe import RecipeError, load_recipe
-        from rnope_megatron.train.validation import validate, validate_input_files
-
         world = os.environ.get("WORLD_SIZE")
         try:
             recipe = load_recipe(argv[0], argv[1:])
@@ -85,7 +84,6 @@ def main(argv=None) -> int:
             print(describe_attention(recipe.model, recipe.train.backend, precision))
             print(precision.describe())
             return 0
-        from rnope_megatron.train.loop import run
 
         run(recipe)
     return 0

@@ -16,12 +16,12 @@ import math
 import torch
 import torch.distributed as dist
 
+from rnope_megatron.common.distributed import compute_device
 from rnope_megatron.data.dataset import batch_for
-from rnope_megatron.distributed import compute_device
-from rnope_megatron.fusions import fusion_overrides
-from rnope_megatron.layout_invariant_init import fill_from_global, seeded_full_tensor
-from rnope_megatron.model import build_model, run_model
-from rnope_megatron.precision import Platform, plan_precision
+from rnope_megatron.model.build import build_model, run_model
+from rnope_megatron.model.fusions import fusion_overrides
+from rnope_megatron.model.layout_invariant_init import fill_from_global, seeded_full_tensor
+from rnope_megatron.model.precision import Platform, plan_precision
 
 
 def _check_optimizer_format(distributed_optimizer: bool, optimizer_format: str) -> None:
@@ -214,7 +214,7 @@ class Engine:
         t = self.recipe.train
         device = compute_device()
         micro = [
-            {k: v.to(device) for k, v in batch_for(dataset, iteration, m, self.recipe, self.dp_rank, self.dp_size).items()}
+            {k: v.to(device) for k, v in batch_for(dataset, iteration, m, self.recipe.train, self.dp_rank, self.dp_size).items()}
             for m in range(self.num_microbatches)
         ]
         iterators = [iter(micro) for _ in self.model]

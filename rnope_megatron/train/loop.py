@@ -18,15 +18,19 @@ import time
 import torch
 import torch.distributed as dist
 
-from rnope_megatron import faults
 from rnope_megatron.checkpoint.layout import common_state, latest_checkpoint
+from rnope_megatron.checkpoint.quantizer_state import is_quantized, quantized_weights_only
 from rnope_megatron.checkpoint.training_state import load_training_state, save_training_state, state_digest
-from rnope_megatron.distributed import compute_device, initialize_parallel
-from rnope_megatron.flops import training_flops_per_token
-from rnope_megatron.precision import describe_attention
-from rnope_megatron.quantize.state import is_quantized, quantized_weights_only
+from rnope_megatron.common import faults
+from rnope_megatron.common.distributed import compute_device, initialize_parallel
+from rnope_megatron.data.dataset import SampleShape, build_dataset
+from rnope_megatron.eval.gate import EvalGate
+from rnope_megatron.model.flops import training_flops_per_token
+from rnope_megatron.recipe.validation import data_parallel_size
+from rnope_megatron.train.console import describe_attention
+from rnope_megatron.train.engine import Engine
+from rnope_megatron.train.metrics import MetricsLogger
 from rnope_megatron.train.run_lock import RunDirectoryBusy, RunDirectoryLock
-from rnope_megatron.train.validation import data_parallel_size
 
 
 class StopRequest:
@@ -145,11 +149,7 @@ def _write_exit_status(run_dir: pathlib.Path, summary: dict) -> None:
 def run(recipe) -> dict:
     """Train ``recipe`` on this rank (process groups are created here). Returns a summary.
     The recipe comes validated, with this run's world size (``rnope-train`` does it:
-    :func:`rnope_megatron.train.validation.validate`)."""
-    from rnope_megatron.data.dataset import build_dataset
-    from rnope_megatron.train.engine import Engine
-    from rnope_megatron.train.metrics import MetricsLogger
-
+    :func:`rnope_megatron.recipe.validation.validate`)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     dp = data_parallel_size(recipe, world_size)
     stop = StopRequest()
@@ -162,7 +162,7 @@ def run(recipe) -> dict:
         engine = Engine(recipe, dp)
         start_iteration = restore(engine, recipe, rank0)
         cache = pathlib.Path(recipe.data.cache_dir or recipe.run_dir / "data")
-        dataset = build_dataset(recipe, cache, t.iters * t.global_batch_size)
+        dataset = build_dataset(recipe.data, SampleShape.of(recipe), cache, t.iters * t.global_batch_size)
         logger = MetricsLogger(
             recipe.run_dir, t.iters, start_iteration, training_flops_per_token(recipe.model, t.seq_length),
             world_size, recipe.logging.peak_tflops, recipe.logging.tensorboard, active=rank0,
@@ -177,8 +177,6 @@ def run(recipe) -> dict:
 
         gate = None
         if recipe.eval.interval:
-            from rnope_megatron.eval.gate import EvalGate
-
             gate = EvalGate(recipe, engine.model, compute_device())
         iteration, reason = train(engine, dataset, logger, stop, start_iteration, gate)
         logger.close()

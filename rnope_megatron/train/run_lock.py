@@ -18,7 +18,7 @@ import pathlib
 import socket
 import time
 
-from rnope_megatron.errors import UserError
+from rnope_megatron.common.errors import UserError
 
 LOCK_NAME = ".rnope-train.lock"
 

@@ -8,11 +8,8 @@ import pathlib
 import warnings
 from typing import Optional
 
-from rnope_megatron.precision import validate_fp8  # the FP8 checks that need no GPU
-from rnope_megatron.typed import ConfigError as RecipeError
-
-# ``Recipe`` in annotations is rnope_megatron.train.recipe.Recipe, not imported: recipe.py
-# calls validate(), and the arrow runs one way.
+from rnope_megatron.common.gpus import by_name
+from rnope_megatron.recipe.sections import EVAL_TASKS, RETRIEVAL_TASKS, Recipe, RecipeError
 
 
 def data_parallel_size(recipe: Recipe, world_size: int) -> int:
@@ -153,8 +150,6 @@ def validate_data(recipe: Recipe) -> None:
             raise RecipeError("data.weights must not all be 0")
     if not 0.0 <= d.retrieval_fraction <= 1.0:
         raise RecipeError(f"data.retrieval_fraction={d.retrieval_fraction} must be within [0, 1]")
-    from rnope_megatron.data.corpora import RETRIEVAL_TASKS
-
     if not d.retrieval_tasks or any(task not in RETRIEVAL_TASKS for task in d.retrieval_tasks):
         raise RecipeError(f"data.retrieval_tasks={d.retrieval_tasks!r}: give one or more of {list(RETRIEVAL_TASKS)}")
     if d.tokenizer == "bytes" and recipe.model.vocab_size < 257:
@@ -192,8 +187,6 @@ def validate_logging(recipe: Recipe) -> None:
 
 
 def validate_cluster(recipe: Recipe) -> None:
-    from rnope_megatron.gpus import by_name
-
     c = recipe.cluster
     if c.nodes is not None and c.nodes < 1:
         raise RecipeError(f"cluster.nodes={c.nodes} must be >= 1")
@@ -208,9 +201,8 @@ def validate_eval(recipe: Recipe) -> None:
         raise RecipeError(f"eval.interval={e.interval} must be >= 0 (0 = no evaluation)")
     if not e.interval:
         return
-    tasks = ("passkey", "niah")  # rnope_megatron.eval.tasks.TASKS (not imported: torch-free checks)
-    if not e.tasks or any(t not in tasks for t in e.tasks):
-        raise RecipeError(f"eval.tasks={e.tasks} must be a non-empty list of {list(tasks)}")
+    if not e.tasks or any(t not in EVAL_TASKS for t in e.tasks):
+        raise RecipeError(f"eval.tasks={e.tasks} must be a non-empty list of {list(EVAL_TASKS)}")
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in e.lengths):
         raise RecipeError(f"eval.lengths={e.lengths} must be positive integers (tokens)")
     if not e.depths or any(isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1
@@ -232,6 +224,49 @@ def validate_world(recipe: Recipe, world_size: int) -> None:
                           f"data-parallel size = {t.micro_batch_size} x {dp}")
     if p.pipeline > 1 and p.virtual_pipeline and (t.global_batch_size // (t.micro_batch_size * dp)) % p.pipeline:
         raise RecipeError("interleaved pipeline: micro-batches per step must be a multiple of parallel.pipeline")
+
+
+def _gemm_multiples(recipe) -> None:
+    """TE quantizes GEMM inputs only when the rows (tokens per rank) are a multiple of 8
+    and the columns of 16 (MXFP8: both of 32, its block); fail here, not at the first step."""
+    m, p, t, fp8 = recipe.model, recipe.parallel, recipe.train, recipe.train.fp8
+    rows, cols = (32, 32) if fp8.recipe == "mxfp8" else (8, 16)
+    tokens = t.seq_length * t.micro_batch_size // p.context // (p.tensor if p.sequence_parallel else 1)
+    if tokens % rows:
+        raise RecipeError(f"train.fp8.recipe={fp8.recipe}: {tokens} tokens per micro-batch per rank "
+                          f"(train.seq_length x micro_batch_size / parallel sizes) is not a multiple of {rows}")
+    widths = {"model.hidden_size": m.hidden_size, "model.ffn_hidden_size / parallel.tensor": m.ffn_size // p.tensor,
+              "attention width (heads x head dim) / parallel.tensor": m.num_attention_heads * m.head_dim // p.tensor}
+    for name, width in widths.items():
+        if width % cols:
+            raise RecipeError(f"train.fp8.recipe={fp8.recipe}: {name} = {width} is not a multiple of {cols} "
+                              "(TE's FP8 GEMMs)")
+
+
+def validate_fp8(recipe) -> None:
+    """``train.fp8``: the checks that need no GPU (what the GPU and TE can run is
+    :func:`rnope_megatron.model.precision.plan_precision`, at launch or ``--check``)."""
+    fp8, t, m = recipe.train.fp8, recipe.train, recipe.model
+    if fp8 is None:
+        return
+    if t.backend != "te":
+        raise RecipeError(f"train.fp8: FP8 runs through Transformer Engine: needs train.backend=te "
+                          f"(got {t.backend})")
+    if t.precision != "bf16":
+        raise RecipeError(f"train.fp8: needs train.precision=bf16 (got {t.precision})")
+    n = fp8.bf16_first_last_layers
+    if n < 0:
+        raise RecipeError(f"train.fp8.bf16_first_last_layers={n} must be >= 0")
+    if n and fp8.recipe == "delayed":
+        raise RecipeError(f"train.fp8.bf16_first_last_layers={n}: not available with train.fp8.recipe=delayed "
+                          "(its amax reduction spans the whole block; Megatron refuses it)")
+    per_stage = m.num_layers // recipe.parallel.pipeline
+    if n > per_stage:
+        raise RecipeError(f"train.fp8.bf16_first_last_layers={n} exceeds the layers per pipeline stage ({per_stage})")
+    if 2 * n >= m.num_layers:
+        raise RecipeError(f"train.fp8.bf16_first_last_layers={n} leaves no FP8 layer of model.num_layers={m.num_layers}")
+    _gemm_multiples(recipe)
+
 
 
 SECTION_VALIDATORS = (validate_parallel, validate_train, validate_fp8, validate_optimizer, validate_scheduler,

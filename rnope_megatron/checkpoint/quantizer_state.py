@@ -27,10 +27,32 @@ import copy
 import pathlib
 import sys
 
+from rnope_megatron.checkpoint.layout import FAILURES, unreadable
+from rnope_megatron.checkpoint.model_state import keep_what_the_checkpoint_holds
+from rnope_megatron.common.errors import MissingDependency
+from rnope_megatron.compat import cpu
+
+EXTRA = "quant"
+"""The package extra that installs NVIDIA Model Optimizer."""
+INSTALL_HINT = f"pip install 'rnope-megatron[{EXTRA}]'"
+
 MODELOPT_STATE = "modelopt_state"
 """Common-state key of the model-wide modelopt state."""
 QUANTIZATION = "quantization"
 """Common-state key of rnope-quantize's record (format, calibration, losses)."""
+
+
+def require_modelopt():
+    """``modelopt.torch.quantization``, or a one-line :class:`MissingDependency` naming the
+    extra to install."""
+    try:
+        import modelopt.torch.quantization as mtq
+    except ImportError as err:
+        raise MissingDependency(f"quantization needs NVIDIA Model Optimizer (nvidia-modelopt, the '{EXTRA}' "
+                                f"extra): {INSTALL_HINT} ({err})") from None
+
+    cpu.scope_optional_modules()  # CPU runs: its Megatron plugin's CUDA calls, as Megatron's
+    return mtq
 
 
 def is_quantized(module) -> bool:
@@ -76,7 +98,6 @@ def restore_quantizers(chunks: list, common: dict, path) -> bool:
     buffers built before stay valid."""
     if MODELOPT_STATE not in common:
         return False
-    from rnope_megatron.quantize.formats import require_modelopt
 
     require_modelopt()
     import modelopt.torch.opt as mto
@@ -98,9 +119,6 @@ def _load_quantizer_properties(chunk, path: pathlib.Path) -> None:
     """Phase two: each quantized module's ``_extra_state`` (quantizer properties; buffers
     get their saved shapes, then the normal load fills them)."""
     from megatron.core import dist_checkpointing
-
-    from rnope_megatron.checkpoint.layout import FAILURES, unreadable
-    from rnope_megatron.checkpoint.model_state import keep_what_the_checkpoint_holds
 
     extra = {k: v for k, v in chunk.sharded_state_dict().items() if k.endswith("_extra_state")}
     (request,) = keep_what_the_checkpoint_holds([extra], path)

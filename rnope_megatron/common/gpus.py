@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rnope_megatron.errors import UserError
+from rnope_megatron.common.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,3 +77,29 @@ def detect() -> GPU | None:
     base = same_arch[0] if same_arch else GPUS["h100"]
     return dataclasses.replace(base, name=name, compute_capability=capability,
                                memory_gb=props.total_memory / 1e9)
+
+
+def te_version() -> tuple[int, int] | None:
+    """Transformer Engine's (major, minor) when installed."""
+    from importlib import metadata
+
+    for name in ("transformer_engine", "transformer-engine"):
+        try:
+            major, minor = metadata.version(name).split(".")[:2]
+            return int(major), int(minor)
+        except (metadata.PackageNotFoundError, ValueError):
+            continue
+    return None
+
+
+def cudnn_version() -> tuple[int, int] | None:
+    """cuDNN's (major, minor): the one TE loaded, else torch's; None without cuDNN 9."""
+    try:  # the cuDNN TE loaded, when TE is there; torch's otherwise (the same in NGC images)
+        from transformer_engine.pytorch.utils import get_cudnn_version
+
+        return tuple(get_cudnn_version()[:2])
+    except Exception:  # noqa: BLE001  (no TE, or an older TE without it)
+        import torch
+
+        version = torch.backends.cudnn.version()
+        return (version // 10000, version // 100 % 100) if version and version >= 9000 else None

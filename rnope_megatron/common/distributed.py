@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import socket
+import types
 
 import torch
 import torch.distributed as dist
 
 from rnope_megatron.compat import cpu as cpu_compat
-from rnope_megatron.config import ParallelLayout
 
 
 def free_port() -> int:
@@ -28,11 +28,15 @@ def compute_device() -> torch.device | str:
     return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
 
 
+# TP = PP = CP = 1: the layout of a tool that loads a whole model on one rank.
+ONE_RANK = types.SimpleNamespace(tensor=1, pipeline=1, virtual_pipeline=None, context=1)
+
+
 def ensure_single_process() -> None:
     """A one-rank process group and Megatron state (TP=PP=1, CPU compat on CPU), unless a
     process group exists already (tools that load a model on one rank call this)."""
     if not dist.is_initialized():
-        initialize_parallel(ParallelLayout())
+        initialize_parallel(ONE_RANK)
 
 
 def shutdown_parallel() -> None:
@@ -49,11 +53,13 @@ def shutdown_parallel() -> None:
     dist.destroy_process_group()
 
 
-def initialize_parallel(layout: ParallelLayout, seed: int = 1234, rank: int | None = None,
+def initialize_parallel(layout, seed: int = 1234, rank: int | None = None,
                         world_size: int | None = None) -> None:
     """Create (or reuse) the default process group and Megatron's model-parallel groups,
     then seed torch and Megatron's RNG tracker. ``rank``/``world_size`` default to the
-    torchrun environment, or to a single process."""
+    torchrun environment, or to a single process. ``layout``: a
+    :class:`rnope_megatron.model.config.ParallelLayout` (or anything with its tensor,
+    pipeline, virtual_pipeline and context sizes)."""
     from megatron.core import parallel_state
 
     if not dist.is_initialized():

@@ -21,13 +21,14 @@ halo exchange around TE's fused attention); every other layer keeps TE's own CP.
 
 FP8 (``train.fp8``): the TransformerConfig carries Megatron's FP8 fields; layers whose
 attention must stay bf16 while others run FP8 attention get the ``te_precision`` classes
-(see :mod:`rnope_megatron.precision`).
+(see :mod:`rnope_megatron.model.precision`).
 """
 
 from __future__ import annotations
 
 import functools
 
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -43,14 +44,15 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
     get_transformer_layer_offset,
 )
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
+from rnope_megatron.attention import te_precision
 from rnope_megatron.attention.core import PortableDotProductAttention
 from rnope_megatron.attention.self_attention import RNoPESelfAttention
-from rnope_megatron.config import RNoPEConfig
-from rnope_megatron.parallel_block import ParallelAttentionMLPLayer
-from rnope_megatron.norms import PortableNorm
-from rnope_megatron.pattern import LayerKind
+from rnope_megatron.attention.te_halo import HaloTEDotProductAttention
+from rnope_megatron.model.config import RNoPEConfig
+from rnope_megatron.model.norms import PortableNorm
+from rnope_megatron.model.parallel_block import ParallelAttentionMLPLayer
+from rnope_megatron.model.pattern import LayerKind
 
 BACKENDS = ("portable", "te")
 
@@ -135,8 +137,6 @@ def _te_core_attention(halo: bool, bf16_attention: bool):
     recipe (:mod:`~rnope_megatron.attention.te_precision`)."""
     if not (halo or bf16_attention):
         return _modules("te")["core_attention"]
-    from rnope_megatron.attention import te_precision
-    from rnope_megatron.attention.te_halo import HaloTEDotProductAttention
 
     if not bf16_attention:
         return HaloTEDotProductAttention
@@ -170,7 +170,7 @@ def block_spec(
     """This pipeline stage's layer specs (and the final norm, which Megatron builds only on
     the last stage). ``config`` is the TransformerConfig from ``model``;
     ``bf16_attention_layers`` (global 1-based numbers) keep bf16 attention under an
-    FP8-attention recipe (:meth:`rnope_megatron.precision.PrecisionPlan.bf16_attention_layers`)."""
+    FP8-attention recipe (:meth:`rnope_megatron.model.precision.PrecisionPlan.bf16_attention_layers`)."""
     pattern = model.layer_pattern
     comm = config.cp_comm_type if config.context_parallel_size > 1 else None
     halo = [isinstance(comm, list) and comm[n - 1] == "halo" for n in range(1, model.num_layers + 1)]

@@ -1,4 +1,6 @@
-"""FP8 training on the ``te`` backend: the recipe section and the per-layer policy.
+"""FP8 training on the ``te`` backend: the per-layer precision policy (the recipe section
+is :class:`rnope_megatron.recipe.sections.FP8Section`; its GPU-free checks are in
+:mod:`rnope_megatron.recipe.validation`).
 
 Transformer Engine decides per *call* whether attention runs in FP8: a
 ``DotProductAttention`` runs FP8 when it is called inside an enabled TE autocast whose
@@ -14,8 +16,7 @@ the innermost autocast). Megatron builds that recipe from one global
   calls Megatron's TE attention inside a nested, disabled TE autocast (TE's documented way
   to give layers different recipes). Their linears stay in FP8.
 
-What TE can run comes from its sources (TE 2.x ``get_attention_backend`` and the recipes,
-see FACTS.md): no FP8 attention with a window below sm100 (and from TE 2.16 with cuDNN 9.21
+What TE can run comes from its sources (TE 2.x ``get_attention_backend`` and the recipes): no FP8 attention with a window below sm100 (and from TE 2.16 with cuDNN 9.21
 on sm100); current scaling (``tensorwise``) FP8 attention only on sm100+ (TE 2.9+); the
 ``blockwise`` recipe has none (TE's Float8BlockScaling refuses ``fp8_dpa``); ``mxfp8`` is
 Blackwell-only (FP8 attention with it from TE 2.16); FP8 attention under TE's all-gather
@@ -26,11 +27,11 @@ naming the field, before any process group exists.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Optional
 
-from rnope_megatron.gpus import GPU
-from rnope_megatron.pattern import LayerKind
-from rnope_megatron.typed import ConfigError as RecipeError
+from rnope_megatron.common import gpus
+from rnope_megatron.common.gpus import GPU
+from rnope_megatron.common.typed import ConfigError as RecipeError
 
 # Oldest TE in which each capability exists (the [te] extra allows TE >= 2.3).
 TE_FOR_TENSORWISE_ATTENTION = (2, 9)
@@ -38,33 +39,6 @@ TE_FOR_WINDOW_FP8_ATTENTION = (2, 16)  # with cuDNN >= 9.21, sm100+
 TE_FOR_MXFP8_ATTENTION = (2, 16)
 TE_FOR_ALL_GATHER_CP_FP8 = (2, 16)
 CUDNN_FOR_WINDOW_FP8_ATTENTION = (9, 21)
-
-
-@dataclasses.dataclass
-class FP8Section:
-    """``train.fp8``: FP8 through Transformer Engine (``train.backend: te``, ``train.precision:
-    bf16``). Absent or ``null``: no FP8."""
-
-    recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "tensorwise"
-    """Scaling recipe (Megatron's ``fp8_recipe``). ``tensorwise``: per-tensor current scaling
-    (no amax history; the default). ``delayed``: scales from an amax history (the whole
-    block shares one autocast, so no bf16 first/last layers). ``blockwise``: 1x128/128x128
-    blocks, linears only (no FP8 attention). ``mxfp8``: 32-element micro-blocks, Blackwell
-    only."""
-    format: Literal["hybrid", "e4m3"] = "hybrid"
-    """FP8 formats (Megatron's ``fp8``): ``hybrid`` = E4M3 forward, E5M2 gradients;
-    ``e4m3`` everywhere."""
-    attention: Literal["auto", "off", "global_only", "all"] = "off"
-    """FP8 dot-product attention, per layer. ``off`` (default: TE calls FP8 attention a
-    beta feature; the linears are where FP8 pays most): bf16 attention everywhere.
-    ``global_only``: FP8 attention on the global layers, bf16 on the sliding ones (refused
-    where TE cannot run it on the global layers). ``all``: FP8 attention on every layer
-    (refused where TE cannot, e.g. sliding layers on Hopper). ``auto``: FP8 attention on each
-    layer where TE can run it on this GPU and recipe, bf16 elsewhere."""
-    bf16_first_last_layers: int = 0
-    """Layers at each end of the model kept entirely in bf16 (Megatron's
-    ``first_last_layers_bf16`` with ``num_layers_at_start/end_in_bf16``). 0 = none. Not with
-    ``recipe: delayed``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +55,10 @@ class Platform:
     @classmethod
     def detect(cls) -> Optional["Platform"]:
         """This process's GPU and libraries, or None without CUDA."""
-        from rnope_megatron import gpus
-
         gpu = gpus.detect()
         if gpu is None:
             return None
-        return cls(gpu, _te_version(), _cudnn_version())
+        return cls(gpu, gpus.te_version(), gpus.cudnn_version())
 
     def describe(self) -> str:
         te = "TE %d.%d" % self.te_version if self.te_version else "TE version unknown (assumed >= 2.16)"
@@ -100,31 +72,7 @@ class Platform:
         return self.cudnn_version is None or self.cudnn_version >= version
 
 
-def _te_version() -> Optional[tuple[int, int]]:
-    from importlib import metadata
-
-    for name in ("transformer_engine", "transformer-engine"):
-        try:
-            major, minor = metadata.version(name).split(".")[:2]
-            return int(major), int(minor)
-        except (metadata.PackageNotFoundError, ValueError):
-            continue
-    return None
-
-
-def _cudnn_version() -> Optional[tuple[int, int]]:
-    try:  # the cuDNN TE loaded, when TE is there; torch's otherwise (the same in NGC images)
-        from transformer_engine.pytorch.utils import get_cudnn_version
-
-        return tuple(get_cudnn_version()[:2])
-    except Exception:  # noqa: BLE001  (no TE, or an older TE without it)
-        import torch
-
-        version = torch.backends.cudnn.version()
-        return (version // 10000, version // 100 % 100) if version and version >= 9000 else None
-
-
-def fp8_attention_unavailable(fp8: FP8Section, kind: LayerKind, platform: Platform,
+def fp8_attention_unavailable(fp8, kind, platform: Platform,
                               cp_comm: Optional[str] = None) -> Optional[str]:
     """Why TE cannot run FP8 attention on a layer of this kind, or None if it can.
 
@@ -169,7 +117,8 @@ class LayerPrecision:
 class PrecisionPlan:
     """Per-layer precision of a run, and what Megatron and the specs get from it."""
 
-    fp8: Optional[FP8Section]
+    fp8: Optional[object]
+    """The ``train.fp8`` section (None: no FP8)."""
     layers: tuple[LayerPrecision, ...]
     dtype: str = "bf16"
     """``train.precision``: what runs outside FP8."""
@@ -204,89 +153,6 @@ class PrecisionPlan:
             why = f"  ({layer.why_bf16_attention})" if layer.why_bf16_attention else ""
             rows.append(f"layer {layer.number:3d}  {layer.letter}  linears {linears:<4s} attention {attention:<4s}{why}".rstrip())
         return "\n".join(rows)
-
-
-def _ranges(numbers: list[int]) -> str:
-    """``[1, 2, 3, 5]`` -> ``"1-3,5"``."""
-    parts, start = [], None
-    for i, n in enumerate(numbers):
-        if start is None:
-            start = n
-        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
-            parts.append(str(start) if start == n else f"{start}-{n}")
-            start = None
-    return ",".join(parts)
-
-
-def describe_attention(model, backend: str, plan: PrecisionPlan) -> str:
-    """The one line ``rnope-train`` logs at start: attention backend and precision per layer
-    kind, e.g. ``attention: S layers (1-3,5-7): te, window 4096, bf16 attention, fp8
-    linears; G layers (4,8): te, no RoPE, fp8 attention (fused), fp8 linears``. TE picks
-    its bf16 backend per call (flash or cuDNN fused; NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2 shows
-    which); FP8 training attention has only the cuDNN fused one."""
-    pattern = model.layer_pattern
-    engine = "te" if backend == "te" else "portable"
-    groups = []
-    for letter in dict.fromkeys(pattern.layers):  # in order of appearance
-        kind = LayerKind.of(letter)
-        members = [layer for layer in plan.layers if layer.letter == letter]
-        numbers = [layer.number for layer in members]
-        facts = [engine, f"window {pattern.window}" if kind.sliding else ("RoPE" if kind.rope else "no RoPE")]
-        for what, flag in (("attention", "fp8_attention"), ("linears", "fp8_linears")):
-            fp8_numbers = [layer.number for layer in members if getattr(layer, flag)]
-            fused = " (fused)" if what == "attention" else ""
-            if not fp8_numbers:
-                facts.append(f"{plan.dtype} {what}")
-            elif len(fp8_numbers) == len(numbers):
-                facts.append(f"fp8 {what}{fused}")
-            else:
-                others = _ranges(sorted(set(numbers) - set(fp8_numbers)))
-                facts.append(f"fp8 {what}{fused} ({plan.dtype} on {others})")
-        groups.append(f"{letter} layers ({_ranges(numbers)}): {', '.join(facts)}")
-    return "attention: " + "; ".join(groups)
-
-
-# --------------------------------------------------------------------------- checks
-
-def _gemm_multiples(recipe) -> None:
-    """TE quantizes GEMM inputs only when the rows (tokens per rank) are a multiple of 8
-    and the columns of 16 (MXFP8: both of 32, its block); fail here, not at the first step."""
-    m, p, t, fp8 = recipe.model, recipe.parallel, recipe.train, recipe.train.fp8
-    rows, cols = (32, 32) if fp8.recipe == "mxfp8" else (8, 16)
-    tokens = t.seq_length * t.micro_batch_size // p.context // (p.tensor if p.sequence_parallel else 1)
-    if tokens % rows:
-        raise RecipeError(f"train.fp8.recipe={fp8.recipe}: {tokens} tokens per micro-batch per rank "
-                          f"(train.seq_length x micro_batch_size / parallel sizes) is not a multiple of {rows}")
-    widths = {"model.hidden_size": m.hidden_size, "model.ffn_hidden_size / parallel.tensor": m.ffn_size // p.tensor,
-              "attention width (heads x head dim) / parallel.tensor": m.num_attention_heads * m.head_dim // p.tensor}
-    for name, width in widths.items():
-        if width % cols:
-            raise RecipeError(f"train.fp8.recipe={fp8.recipe}: {name} = {width} is not a multiple of {cols} "
-                              "(TE's FP8 GEMMs)")
-
-
-def validate_fp8(recipe) -> None:
-    """The checks that need no GPU (part of :func:`rnope_megatron.train.validation.validate`)."""
-    fp8, t, m = recipe.train.fp8, recipe.train, recipe.model
-    if fp8 is None:
-        return
-    if t.backend != "te":
-        raise RecipeError(f"train.fp8: FP8 runs through Transformer Engine: needs train.backend=te "
-                          f"(got {t.backend})")
-    if t.precision != "bf16":
-        raise RecipeError(f"train.fp8: needs train.precision=bf16 (got {t.precision})")
-    n = fp8.bf16_first_last_layers
-    if n < 0:
-        raise RecipeError(f"train.fp8.bf16_first_last_layers={n} must be >= 0")
-    if n and fp8.recipe == "delayed":
-        raise RecipeError(f"train.fp8.bf16_first_last_layers={n}: not available with train.fp8.recipe=delayed "
-                          "(its amax reduction spans the whole block; Megatron refuses it)")
-    per_stage = m.num_layers // recipe.parallel.pipeline
-    if n > per_stage:
-        raise RecipeError(f"train.fp8.bf16_first_last_layers={n} exceeds the layers per pipeline stage ({per_stage})")
-    if 2 * n >= m.num_layers:
-        raise RecipeError(f"train.fp8.bf16_first_last_layers={n} leaves no FP8 layer of model.num_layers={m.num_layers}")
-    _gemm_multiples(recipe)
 
 
 def plan_precision(recipe, platform: Optional[Platform]) -> PrecisionPlan:

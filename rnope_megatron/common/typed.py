@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from rnope_megatron.errors import UserError
+from rnope_megatron.common.errors import UserError
 
 
 class ConfigError(UserError, ValueError):

@@ -124,7 +124,7 @@ class LayerPattern:
         """The TransformerConfig fields that carry the pattern to Megatron's own modules
         (TEDotProductAttention reads the window through ``is_layer_window_attention``).
         Our portable modules get their window and RoPE base as spec params instead
-        (:mod:`rnope_megatron.specs`), from the same pattern."""
+        (:mod:`rnope_megatron.model.specs`), from the same pattern."""
         return dict(
             window_size=self.te_window_size(),
             window_attn_skip_freq=self.window_attn_skip_freq() if self.has_sliding else None,

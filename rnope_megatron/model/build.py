@@ -11,8 +11,9 @@ import logging
 
 import torch
 
-from rnope_megatron.config import RNoPEConfig
-from rnope_megatron.specs import block_spec
+from rnope_megatron.model.config import RNoPEConfig
+from rnope_megatron.model.norms import is_norm_bias
+from rnope_megatron.model.specs import block_spec
 
 
 def _scale_logits_hook(scale: float):
@@ -38,7 +39,7 @@ def build_model(
 
     Args:
         config: TransformerConfig from ``model.to_transformer_config(...)``.
-        backend: ``portable`` or ``te`` (see :mod:`rnope_megatron.specs`).
+        backend: ``portable`` or ``te`` (see :mod:`rnope_megatron.model.specs`).
         pre_process / post_process: whether this chunk holds the embedding / the output
             layer (first / last pipeline stage).
         vp_stage: virtual pipeline stage of this chunk (interleaved schedule).
@@ -89,8 +90,6 @@ def freeze_norm_biases(model) -> list[str]:
     function, nothing is trained that an export would drop, and checkpoints move between
     the backends. Returns the names frozen."""
     import torch
-
-    from rnope_megatron.norms import is_norm_bias
 
     frozen = []
     for name, param in model.named_parameters():

@@ -1,32 +1,54 @@
-"""Training recipes: YAML -> typed dataclasses, command-line overrides, validation.
+"""The recipe's sections as typed dataclasses: ``model`` (:class:`RNoPEConfig`, the model
+layer's own config), ``parallel`` (:class:`ParallelLayout`), ``train`` (with ``fp8``),
+``optimizer``, ``scheduler``, ``data``, ``checkpoint``, ``logging``, ``cluster``, ``eval``.
 
-A recipe has the sections ``model`` (:class:`RNoPEConfig`), ``parallel``
-(:class:`ParallelLayout`), ``train``, ``optimizer``, ``scheduler``, ``data``,
-``checkpoint``, ``logging``, ``cluster`` and ``eval``. Unknown keys are errors naming their path; ``a.b=value``
-arguments override values; ``base: other.yaml`` inherits from another recipe, which may
-have a base of its own (a chain such as 128k -> 64k -> ... -> pretrain-8k; a cycle is an
-error naming the chain); a section given as a file name (``model: models/paper-8b.yaml``) is
-read from that file, relative to the recipe naming it. :func:`validate` (in
-:mod:`.validation`) checks every cross-field constraint before any process group exists,
-so a bad recipe fails in a second, not after the job is scheduled.
+Reading YAML into them is :mod:`.loading`; the cross-field checks are :mod:`.validation`.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import pathlib
-from typing import Any, Literal, Optional, get_type_hints
+from typing import Literal, Optional
 
-import yaml
-
-from rnope_megatron.config import ParallelLayout, RNoPEConfig  # noqa: F401  (type hints)
-from rnope_megatron.precision import FP8Section  # noqa: F401  (type hints)
-from rnope_megatron.typed import ConfigError, build_dataclass
-
+from rnope_megatron.common.typed import ConfigError
+from rnope_megatron.model.config import ParallelLayout, RNoPEConfig
 
 # A recipe problem; the message names the field.
 RecipeError = ConfigError
+
+EVAL_TASKS = ("passkey", "niah")
+"""What ``eval.tasks`` may name (prompt builders: :mod:`rnope_megatron.eval.tasks`)."""
+RETRIEVAL_TASKS = ("passkey", "key_value")
+"""What ``data.retrieval_tasks`` may name (cases: :mod:`rnope_megatron.data.corpora`)."""
+
+
+@dataclasses.dataclass
+class FP8Section:
+    """``train.fp8``: FP8 through Transformer Engine (``train.backend: te``, ``train.precision:
+    bf16``). Absent or ``null``: no FP8."""
+
+    recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "tensorwise"
+    """Scaling recipe (Megatron's ``fp8_recipe``). ``tensorwise``: per-tensor current scaling
+    (no amax history; the default). ``delayed``: scales from an amax history (the whole
+    block shares one autocast, so no bf16 first/last layers). ``blockwise``: 1x128/128x128
+    blocks, linears only (no FP8 attention). ``mxfp8``: 32-element micro-blocks, Blackwell
+    only."""
+    format: Literal["hybrid", "e4m3"] = "hybrid"
+    """FP8 formats (Megatron's ``fp8``): ``hybrid`` = E4M3 forward, E5M2 gradients;
+    ``e4m3`` everywhere."""
+    attention: Literal["auto", "off", "global_only", "all"] = "off"
+    """FP8 dot-product attention, per layer. ``off`` (default: TE calls FP8 attention a
+    beta feature; the linears are where FP8 pays most): bf16 attention everywhere.
+    ``global_only``: FP8 attention on the global layers, bf16 on the sliding ones (refused
+    where TE cannot run it on the global layers). ``all``: FP8 attention on every layer
+    (refused where TE cannot, e.g. sliding layers on Hopper). ``auto``: FP8 attention on each
+    layer where TE can run it on this GPU and recipe, bf16 elsewhere."""
+    bf16_first_last_layers: int = 0
+    """Layers at each end of the model kept entirely in bf16 (Megatron's
+    ``first_last_layers_bf16`` with ``num_layers_at_start/end_in_bf16``). 0 = none. Not with
+    ``recipe: delayed``."""
+
 
 
 @dataclasses.dataclass
@@ -46,7 +68,7 @@ class TrainSection:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Parameter/activation dtype (bf16 on GPUs; fp32 on CPU)."""
     backend: Literal["portable", "te"] = "portable"
-    """Attention backend (see rnope_megatron.specs)."""
+    """Attention backend (see rnope_megatron.model.specs)."""
     stop_at: Optional[int] = None
     """Save a checkpoint and stop at this iteration (a later run resumes; e.g. to fit a
     job time limit). None = run to ``iters``."""
@@ -69,7 +91,8 @@ class TrainSection:
     ``exit_status.json``), and put one in each metrics.jsonl record: runs with equal
     digests hold bit-identical states, and the first unequal record locates a divergence."""
     fp8: Optional[FP8Section] = None
-    """FP8 through Transformer Engine (see :class:`rnope_megatron.precision.FP8Section`):
+    """FP8 through Transformer Engine (:class:`FP8Section`; the per-layer policy is
+    :mod:`rnope_megatron.model.precision`):
     recipe, per-layer attention policy, bf16 first/last layers. None = no FP8."""
 
 
@@ -178,7 +201,7 @@ class ClusterSection:
     gpus_per_node: int = 8
     """GPUs per node."""
     gpu: str = "h100"
-    """GPU model the layout must fit (a name in rnope_megatron.gpus: h100, h200, b200)."""
+    """GPU model the layout must fit (a name in rnope_megatron.common.gpus: h100, h200, b200)."""
 
 
 @dataclasses.dataclass
@@ -227,106 +250,3 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-# --------------------------------------------------------------------------- loading
-
-def _merge(base: dict, override: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _parse_scalar(dotted: str, text: str) -> Any:
-    if text == "":
-        return ""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise RecipeError(f"override {dotted}: {text!r} is not a YAML value ({' '.join(str(err).split())})") from None
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` strings (values parsed as YAML scalars/lists)."""
-    raw = copy.deepcopy(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"override {item!r} is not of the form section.key=value")
-        dotted, text = item.split("=", 1)
-        keys = dotted.strip().split(".")
-        node = raw
-        for key in keys[:-1]:
-            if node.get(key) is None:  # absent, or a null section (train.fp8: null) being switched on
-                node[key] = {}
-            node = node[key]
-            if not isinstance(node, dict):
-                raise RecipeError(f"override {dotted}: {key} is not a section")
-        node[keys[-1]] = _parse_scalar(dotted, text)
-    return raw
-
-
-def _read_mapping(path: pathlib.Path, what: str) -> dict:
-    """A YAML file holding a mapping (an empty file is an empty mapping)."""
-    if not path.is_file():
-        raise RecipeError(f"{what} not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise RecipeError(f"{path}: not UTF-8 text (byte {err.start})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: expected a mapping of keys, got a {type(raw).__name__}")
-    return raw
-
-
-def _section_files(raw: dict, folder: pathlib.Path) -> dict:
-    """Replace sections given as file names by the mappings in those files."""
-    return {key: _read_mapping(folder / value, f"section {key!r} file") if isinstance(value, str) and key != "base"
-            else value for key, value in raw.items()}
-
-
-def read_yaml(path, _chain: tuple = ()) -> dict:
-    """The raw recipe mapping: the file, its section files and its bases merged (a base
-    is read relative to the file naming it; the file's own keys win)."""
-    path = pathlib.Path(path)
-    chain = _chain + (path,)
-    what = f"{_chain[-1]}: base recipe" if _chain else "recipe file"
-    raw = _section_files(_read_mapping(path, what), path.parent)
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    if not isinstance(base, str):
-        raise RecipeError(f"{path}: base must be one recipe file name, got {base!r}")
-    base_path = path.parent / base
-    if any(base_path.resolve() == seen.resolve() for seen in chain):
-        names = " -> ".join(str(p) for p in chain + (base_path,))
-        raise RecipeError(f"{path}: base chain is a cycle ({names})")
-    return _merge(read_yaml(base_path, chain), raw)
-
-
-def recipe_from_dict(raw: dict) -> Recipe:
-    sections = {f.name: f.type for f in dataclasses.fields(Recipe)}
-    hints = get_type_hints(Recipe)
-    for key in raw:
-        if key not in sections:
-            raise RecipeError(f"unknown section {key!r} (known: {', '.join(sections)})")
-    built = {}
-    for name in sections:
-        built[name] = build_dataclass(hints[name], raw.get(name) or {}, name)
-    return Recipe(**built)
-
-
-def load_recipe(path, overrides: list[str] = ()) -> Recipe:
-    """Read, inherit, override, type-check and validate a recipe (no process groups)."""
-    from rnope_megatron.train.validation import validate
-
-    recipe = recipe_from_dict(apply_overrides(read_yaml(path), list(overrides)))
-    validate(recipe)
-    return recipe

@@ -11,7 +11,8 @@ import errno
 import logging
 import warnings
 
-from rnope_megatron.errors import UserError
+from rnope_megatron.common.distributed import shutdown_parallel
+from rnope_megatron.common.errors import UserError
 
 # (message prefix, module) of warnings megatron-core and torch print on every CPU run
 # that no user can act on. Anything else still shows.
@@ -86,6 +87,4 @@ def one_line_errors(prog: str):
     except USER_ERRORS as err:
         raise SystemExit(f"{prog}: {one_line(err)}") from None
     finally:
-        from rnope_megatron.distributed import shutdown_parallel
-
         shutdown_parallel()

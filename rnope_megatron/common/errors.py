@@ -4,7 +4,7 @@
 class UserError(Exception):
     """A problem with the user's input or machine: a bad recipe, file or checkpoint, a busy
     run directory, a missing extra. The command-line tools print its message as one line
-    (:mod:`rnope_megatron.cli`); anything else keeps its traceback."""
+    (:mod:`rnope_megatron.common.cli`); anything else keeps its traceback."""
 
 
 class MissingDependency(UserError, RuntimeError):

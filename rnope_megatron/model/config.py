@@ -9,7 +9,8 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from rnope_megatron.pattern import LayerKind, LayerPattern
+from rnope_megatron.common.typed import build_dataclass
+from rnope_megatron.model.pattern import LayerKind, LayerPattern
 
 Backend = Literal["portable", "te"]
 # Names of the dtypes recipes and tools accept (train.precision, rnope-convert --dtype).
@@ -66,7 +67,7 @@ class RNoPEConfig:
     """Longest sequence the model is built for; can grow between stages (no RoPE rescale)."""
 
     pattern: str = "SSSG"
-    """Layer pattern, see :mod:`rnope_megatron.pattern` (S = window+RoPE, G = global NoPE,
+    """Layer pattern, see :mod:`rnope_megatron.model.pattern` (S = window+RoPE, G = global NoPE,
     R = global RoPE). A block repeated to num_layers, or one letter per layer."""
     window: int = 64
     """Sliding window in Hugging Face semantics: W keys including the current token."""
@@ -142,8 +143,6 @@ class RNoPEConfig:
     def from_dict(cls, values: dict, where: str = "model") -> "RNoPEConfig":
         """Build from a mapping (e.g. a YAML ``model:`` section); unknown keys and wrong
         types are errors naming their path (``model.hiden_size``)."""
-        from rnope_megatron.typed import build_dataclass
-
         return build_dataclass(cls, values, where)
 
     @classmethod

@@ -19,6 +19,11 @@ import pathlib
 import sys
 import time
 
+from rnope_megatron.common.cli import one_line_errors, quiet_known_warnings
+from rnope_megatron.data.dataset import documents_with_eod
+from rnope_megatron.data.indexed import write_indexed
+from rnope_megatron.data.tokenizers import make_tokenizer
+
 
 def _decode(raw: bytes, path: pathlib.Path, where: str) -> str:
     try:
@@ -61,10 +66,6 @@ def iter_texts(paths: list[str], json_key: str):
 
 def preprocess(inputs: list[str], output_prefix: str, tokenizer_spec: str = "bytes", json_key: str = "text") -> dict:
     """Tokenize ``inputs`` into ``output_prefix.bin/.idx``; returns the counts."""
-    from rnope_megatron.data.dataset import documents_with_eod
-    from rnope_megatron.data.indexed import write_indexed
-    from rnope_megatron.data.tokenizers import make_tokenizer
-
     tokenizer = make_tokenizer(tokenizer_spec)
     stats = {"documents": 0, "tokens": 0}
     last = [time.time()]
@@ -88,8 +89,6 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_spec: str = "byt
 
 
 def main(argv=None) -> int:
-    from rnope_megatron.cli import one_line_errors, quiet_known_warnings
-
     parser = argparse.ArgumentParser(prog="rnope-preprocess", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True)
