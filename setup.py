@@ -45,7 +45,7 @@ setup(
             "rnope-train = rnope_megatron.train.__main__:main",
             "rnope-preprocess = rnope_megatron.data.preprocess:main",
             "rnope-convert = rnope_megatron.convert.__main__:main",
-            "rnope-eval = rnope_megatron.eval:main",
+            "rnope-eval = rnope_megatron.eval.cli:main",
             "rnope-plan = rnope_megatron.plan.__main__:main",
             "rnope-quantize = rnope_megatron.quantize.__main__:main",
         ]

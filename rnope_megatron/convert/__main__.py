@@ -18,9 +18,14 @@ from __future__ import annotations
 import argparse
 
 from rnope_megatron.common.cli import one_line_errors, quiet_known_warnings
-from rnope_megatron.convert import commands
-from rnope_megatron.convert.commands import EXPORT_DTYPES
-from rnope_megatron.convert.targets import target_names
+
+# A console script's entry module: quiet the library notices no user can act on (Apex/TE
+# missing on CPU, ...) before the imports below bring Megatron in and print them.
+quiet_known_warnings()
+
+from rnope_megatron.convert import commands  # noqa: E402
+from rnope_megatron.convert.commands import EXPORT_DTYPES  # noqa: E402
+from rnope_megatron.convert.targets import target_names  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -39,7 +44,6 @@ def main(argv=None) -> int:
     p.add_argument("out_dir")
     p.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
-    quiet_known_warnings()
     with one_line_errors("rnope-convert"):
         if args.command == "to-hf":
             commands.to_hf(args.checkpoint, args.out_dir, args.arch, args.dtype, args.force, args.shard_mb)

@@ -20,9 +20,14 @@ import sys
 import time
 
 from rnope_megatron.common.cli import one_line_errors, quiet_known_warnings
-from rnope_megatron.data.dataset import documents_with_eod
-from rnope_megatron.data.indexed import write_indexed
-from rnope_megatron.data.tokenizers import make_tokenizer
+
+# A console script's entry module: quiet the library notices no user can act on (Apex/TE
+# missing on CPU, ...) before the imports below bring Megatron in and print them.
+quiet_known_warnings()
+
+from rnope_megatron.data.dataset import documents_with_eod  # noqa: E402
+from rnope_megatron.data.indexed import write_indexed  # noqa: E402
+from rnope_megatron.data.tokenizers import make_tokenizer  # noqa: E402
 
 
 def _decode(raw: bytes, path: pathlib.Path, where: str) -> str:
@@ -96,7 +101,6 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", default="bytes")
     parser.add_argument("--json-key", default="text")
     args = parser.parse_args(argv)
-    quiet_known_warnings()
     with one_line_errors("rnope-preprocess"):
         preprocess(args.input, args.output_prefix, args.tokenizer, args.json_key)
     return 0

@@ -5,7 +5,6 @@
 * :mod:`.models`: a checkpoint (training's model and loader) or an HF export as logits.
 * :mod:`.loss`: mean and per-position loss on token files or a data section.
 * :mod:`.gate`: the same tasks on the training model every ``eval.interval`` iterations.
-* :mod:`.cli`: the ``rnope-eval`` console script.
+* :mod:`.cli`: the ``rnope-eval`` console script (its entry module: importing it quiets
+  known library notices, so the trainer's gate imports :mod:`.gate`, never this).
 """
-
-from rnope_megatron.eval.cli import main  # noqa: F401  (console script: rnope_megatron.eval:main)

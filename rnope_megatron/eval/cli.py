@@ -22,11 +22,16 @@ import sys
 import time
 
 from rnope_megatron.common.cli import one_line_errors, quiet_known_warnings
-from rnope_megatron.eval import models, plots
-from rnope_megatron.eval.lm_eval_tasks import write_tasks
-from rnope_megatron.eval.loss import loss_command, write_loss_outputs
-from rnope_megatron.eval.scoring import by_length, default_batch_size, evaluate_grid
-from rnope_megatron.eval.tasks import build_grid, minimum_length
+
+# A console script's entry module: quiet the library notices no user can act on (Apex/TE
+# missing on CPU, ...) before the imports below bring Megatron in and print them.
+quiet_known_warnings()
+
+from rnope_megatron.eval import models, plots  # noqa: E402
+from rnope_megatron.eval.lm_eval_tasks import write_tasks  # noqa: E402
+from rnope_megatron.eval.loss import loss_command, write_loss_outputs  # noqa: E402
+from rnope_megatron.eval.scoring import by_length, default_batch_size, evaluate_grid  # noqa: E402
+from rnope_megatron.eval.tasks import build_grid, minimum_length  # noqa: E402
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -171,7 +176,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    quiet_known_warnings()
     with one_line_errors("rnope-eval"):
         if args.command == "lm-eval-tasks":
             result = lm_eval_tasks_command(args)

@@ -14,11 +14,16 @@ import argparse
 import json
 import sys
 
-from rnope_megatron.common.cli import one_line, one_line_errors
-from rnope_megatron.plan import make_plan, render
-from rnope_megatron.plan.core import resolve_cluster
-from rnope_megatron.recipe import RecipeError, load_recipe
-from rnope_megatron.recipe.validation import validate
+from rnope_megatron.common.cli import one_line, one_line_errors, quiet_known_warnings
+
+# A console script's entry module: quiet the library notices no user can act on (Apex/TE
+# missing on CPU, ...) before the imports below bring Megatron in and print them.
+quiet_known_warnings()
+
+from rnope_megatron.plan import make_plan, render  # noqa: E402
+from rnope_megatron.plan.core import resolve_cluster  # noqa: E402
+from rnope_megatron.recipe import RecipeError, load_recipe  # noqa: E402
+from rnope_megatron.recipe.validation import validate  # noqa: E402
 
 NOT_FITTING = 3
 

@@ -18,7 +18,12 @@ from __future__ import annotations
 import argparse
 
 from rnope_megatron.common.cli import one_line_errors, quiet_known_warnings
-from rnope_megatron.quantize.command import quantize
+
+# A console script's entry module: quiet the library notices no user can act on (Apex/TE
+# missing on CPU, ...) before the imports below bring Megatron in and print them.
+quiet_known_warnings()
+
+from rnope_megatron.quantize.command import quantize  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,7 +40,6 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", help="Hugging Face target (default: cohere2 for the parallel block, else smollm3)")
     parser.add_argument("--force", action="store_true", help="replace previous outputs of this command")
     args = parser.parse_args(argv)
-    quiet_known_warnings()
     with one_line_errors("rnope-quantize"):
         quantize(args.checkpoint, args.out_dir, args.format, args.calib_samples, args.calib_seq_length,
                  args.eval_samples, args.hf, args.arch, args.force)

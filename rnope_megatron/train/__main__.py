@@ -18,13 +18,18 @@ from __future__ import annotations
 import os
 import sys
 
-from rnope_megatron.common import gpus
 from rnope_megatron.common.cli import one_line, one_line_errors, quiet_known_warnings
-from rnope_megatron.model.precision import Platform, plan_precision
-from rnope_megatron.recipe import RecipeError, load_recipe
-from rnope_megatron.recipe.validation import validate, validate_input_files
-from rnope_megatron.train.console import describe_attention
-from rnope_megatron.train.loop import run
+
+# A console script's entry module: quiet the library notices no user can act on (Apex/TE
+# missing on CPU, ...) before the imports below bring Megatron in and print them.
+quiet_known_warnings()
+
+from rnope_megatron.common import gpus  # noqa: E402
+from rnope_megatron.model.precision import Platform, plan_precision  # noqa: E402
+from rnope_megatron.recipe import RecipeError, load_recipe  # noqa: E402
+from rnope_megatron.recipe.validation import validate, validate_input_files  # noqa: E402
+from rnope_megatron.train.console import describe_attention  # noqa: E402
+from rnope_megatron.train.loop import run  # noqa: E402
 
 
 def _split_options(argv: list[str]) -> tuple[bool, str | None, list[str]]:
@@ -60,7 +65,6 @@ def main(argv=None) -> int:
     check, gpu_name, argv = _split_options(argv)
     if not argv:
         raise SystemExit("rnope-train: no recipe given (rnope-train [--check [--gpu NAME]] RECIPE.yaml ...)")
-    quiet_known_warnings()
     with one_line_errors("rnope-train"):
         world = os.environ.get("WORLD_SIZE")
         try:
