@@ -297,7 +297,7 @@ def test_reproduction_recipe_shows_the_paper_claim(reproduction_runs):
     """The paper's claim at toy scale: RNoPE-SWA retrieves the passkey at the training
     length and at 8x it; the all-global RoPE baseline, same data and parameter count, does
     not at 8x. (The full script, 3 seeds: 1.00 for RNoPE-SWA at 1x-16x, RoPE 1.00 at 1x
-    and <= 0.02 beyond; README. A 700-step run, with its own case set and schedule, gave
+    and <= 0.02 beyond; docs/evaluation.md. A 700-step run, with its own case set and schedule, gave
     RNoPE-SWA only 0.33 at 8x: the margin is the recipe's, not a law.)"""
     accuracy = {}
     for pattern, run in reproduction_runs.items():

@@ -12,7 +12,7 @@ the keys (``causal_bottom_right``, which TE's fused backends support and which T
 It subclasses Megatron's ``TEDotProductAttention``, so its parameters and ``_extra_state``
 keep the same checkpoint keys. Without Transformer Engine installed, Megatron's TE classes
 are placeholders; then this class can sit in a spec (and be inspected) but refuses to be
-built. Not run on this project's CPU machines: see the README's "what ran where".
+built. Not run on this project's CPU machines: see docs/verified.md.
 """
 
 from __future__ import annotations

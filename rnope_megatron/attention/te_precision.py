@@ -14,7 +14,7 @@ window, while the global layers run FP8 attention (``train.fp8.attention: global
 ``auto``; see :mod:`rnope_megatron.model.precision`). They subclass Megatron's class, so
 parameters and ``_extra_state`` keep their checkpoint keys. Without TE installed they are
 placeholders that can sit in a spec and refuse to be built. Not run on this project's CPU
-machines: see the README's "what was verified where".
+machines: see docs/verified.md.
 """
 
 from __future__ import annotations

@@ -99,8 +99,8 @@ class RNoPEConfig:
     """Std of the residual branches' output projections (attention out, MLP fc2). None:
     Megatron's default, ``init_method_std / sqrt(2 * num_layers)``. Tiny models may need
     the unscaled value: with the scaled one a 4-layer d=128 model did not learn passkey
-    retrieval in 800 steps where the unscaled one learned it in 400 (README, "The paper's
-    claim, small")."""
+    retrieval in 800 steps where the unscaled one learned it in 400 (docs/evaluation.md,
+    "The paper's claim, small")."""
     hidden_dropout: float = 0.0
     """Dropout on residual branches."""
     attention_dropout: float = 0.0

@@ -5,7 +5,7 @@ Each format is one of Model Optimizer's own PTQ configs, used unchanged: modelop
 do for any Megatron model. Linears of our layers are Megatron's own
 ``ColumnParallelLinear``/``RowParallelLinear`` (portable backend) or TE's wrappers (te
 backend): modelopt's Megatron plugin registers both kinds itself, so no module of ours
-needs registering (see README, "Quantization").
+needs registering (see docs/quantization.md).
 """
 
 from __future__ import annotations

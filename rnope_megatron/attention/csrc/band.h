@@ -170,7 +170,7 @@ void band_transposed_accumulate(const Band& band, const T* probs, int64_t ld, co
 // computes, a few cache lines at a time. Why: each block starts on rows nobody read yet
 // (16 KB per tensor at Bq = 64, D = 64), and the hardware prefetcher alone left those
 // reads exposed; prefetching the whole next block at its start gained nothing (measured:
-// README, "Benchmarks").
+// docs/benchmarks.md).
 template <typename T>
 inline void prefetch_row(std::initializer_list<const T*> tensors, int64_t row, int64_t seq,
                          int64_t dim) {

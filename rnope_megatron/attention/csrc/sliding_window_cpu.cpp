@@ -27,7 +27,7 @@
 //   band.h            band geometry, K/V panels, band-restricted products
 //   work_scheduler.h  work ranges with stealing, backward segments
 //   this file         the forward and backward drivers and the torch operators
-// What was tried and dropped, with measurements, is in the README ("Benchmarks").
+// What was tried and dropped, with measurements, is in docs/benchmarks.md.
 //
 // Layout: q, out, dq are contiguous [BH, Lq, D], k, v, dk, dv [BH, Lk, D] with Lk >= Lq
 // (K/V already repeated for GQA); lse is [BH, Lq]. Queries are the last Lq keys' positions.

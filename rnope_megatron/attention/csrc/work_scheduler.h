@@ -27,7 +27,7 @@ inline std::atomic<int64_t>& stolen_items() {
 // back of the fullest other range. Why not at::parallel_for: it splits statically, and on
 // a shared machine one core can run markedly slower than the other through whole calls,
 // which a static split waits for. Why not one shared counter: interleaving neighbouring
-// blocks across cores cost time in the forward (both measured: README, "Benchmarks").
+// blocks across cores cost time in the forward (both measured: docs/benchmarks.md).
 // Which thread computes an item never changes its result: the tests force steals
 // (RNOPE_SWA_FORCE_STEALS=1 gives range 0 every item, so every other thread's work is
 // stolen from it) and compare bits.
