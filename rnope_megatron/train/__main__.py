@@ -1,5 +1,9 @@
-"""``rnope-train [--check [--gpu h100|h200|b200]] RECIPE.yaml [section.key=value ...]``
-(or ``python -m rnope_megatron.train``).
+"""``rnope-train [--check [--gpu h100|h200|b200]] RECIPE [section.key=value ...]``
+(or ``python -m rnope_megatron.train``); ``rnope-train --list-recipes``.
+
+RECIPE is a YAML file, or the name of a recipe shipped with the package (``8b/128k``,
+``tiny-cpu``; a file that exists wins). ``--list-recipes`` prints the shipped recipes with
+their scale, stage and the cluster each was planned for.
 
 Single process on a laptop CPU, or under ``torchrun`` on many GPUs: same command.
 Resumes automatically from ``checkpoint.dir/latest``; SIGTERM / SIGUSR1 (SLURM
@@ -21,10 +25,11 @@ import sys
 from rnope_megatron.common import gpus
 from rnope_megatron.common.cli import one_line, one_line_errors, quiet_known_warnings
 from rnope_megatron.model.precision import Platform, plan_precision
-from rnope_megatron.recipe import RecipeError, load_recipe
+from rnope_megatron.recipe import RecipeError, catalog, load_recipe
 from rnope_megatron.recipe.validation import validate, validate_input_files
 from rnope_megatron.train.console import describe_attention
 from rnope_megatron.train.loop import run
+from rnope_megatron.train.wandb_run import require_wandb
 
 
 def _split_options(argv: list[str]) -> tuple[bool, str | None, list[str]]:
@@ -57,6 +62,10 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    if argv[0] == "--list-recipes":
+        with one_line_errors("rnope-train"):
+            print(catalog.render(catalog.entries()), flush=True)
+        return 0
     check, gpu_name, argv = _split_options(argv)
     if not argv:
         raise SystemExit("rnope-train: no recipe given (rnope-train [--check [--gpu NAME]] RECIPE.yaml ...)")
@@ -64,7 +73,7 @@ def main(argv=None) -> int:
     with one_line_errors("rnope-train"):
         world = os.environ.get("WORLD_SIZE")
         try:
-            recipe = load_recipe(argv[0], argv[1:])
+            recipe = load_recipe(catalog.resolve(argv[0]), argv[1:])
             if world is not None or not check:
                 validate(recipe, int(world or 1))
             platform = _platform(gpu_name)
@@ -73,6 +82,8 @@ def main(argv=None) -> int:
                                   "pass --gpu h100|h200|b200 to check the recipe for one")
             # Before any process group: what TE cannot run on this GPU is refused here.
             precision = plan_precision(recipe, platform)
+            if recipe.logging.wandb is not None:
+                require_wandb()
             if not check:
                 validate_input_files(recipe)
         except RecipeError as err:
