@@ -13,7 +13,8 @@ import zipfile
 
 import pytest
 
-from rnope_megatron.recipe import load_recipe
+from rnope_megatron.eval.loss import _data_section
+from rnope_megatron.recipe import load_recipe, read_yaml
 from rnope_megatron.recipe.catalog import SECTION_FOLDERS
 from tests.trainer import ROOT, assert_one_line_error, console_script
 
@@ -94,6 +95,12 @@ def test_an_unknown_name_fails_in_one_line_naming_close_matches(prog, args, tmp_
     assert "models/" not in line  # section files are not recipes
 
 
+def test_rnope_eval_data_takes_a_name_and_an_unknown_one_fails_before_reading_the_checkpoint(tmp_path):
+    out = script("rnope-eval", "loss", "--checkpoint", tmp_path / "no-checkpoint", "--data", "tiny-cpux",
+                 "--length", "64", cwd=tmp_path)
+    assert_one_line_error(out, "rnope-eval", "--data file not found: tiny-cpux", "close: tiny-cpu")
+
+
 def _copy_source(dest: pathlib.Path) -> pathlib.Path:
     """What setup.py packages, copied so that building leaves nothing in the checkout."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "build")
@@ -145,3 +152,8 @@ def test_the_built_wheel_carries_the_recipes_and_plans_one_by_name_outside_the_c
     plan = json.loads(planned.stdout)
     assert pathlib.Path(plan["recipe"]).resolve() == (target / "rnope_megatron" / "recipes" / "8b" / "128k.yaml").resolve()
     assert plan["baseline"]["source"].endswith("baseline-128k.yaml") and plan["world_size"] == 256
+
+
+def test_rnope_eval_data_section_of_a_shipped_name_is_that_recipes_section():
+    assert _data_section("8b/128k") == read_yaml(RECIPES_DIR / "8b" / "128k.yaml")["data"]
+    assert _data_section("8b/128k")["source"] == "indexed"  # from ../data/long-context.yaml
