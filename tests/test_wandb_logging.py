@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from rnope_megatron.recipe import RecipeError, load_recipe
+from rnope_megatron.train.metrics import scalars
 from tests.trainer import FAST, RECIPE, ROOT, assert_one_line_error, console_script, metrics
 
 def _wandb_records(path: pathlib.Path):
@@ -137,3 +138,12 @@ def test_a_missing_wandb_package_names_the_extra_before_training(check, tmp_path
                          env={**os.environ, "PYTHONPATH": str(blocker)}, timeout=600)
     assert_one_line_error(out, "rnope-train", "logging.wandb", "pip install 'rnope-megatron[wandb]'")
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_eval_gate_accuracies_are_curves_beside_the_training_scalars():
+    """What both TensorBoard and W&B get from a record with an eval gate's accuracies (the
+    offline run above has no gate); a None grad norm (a skipped step) is left out."""
+    record = {"iteration": 4, "loss": 2.5, "lr": 1e-3, "grad_norm": None, "tokens_per_s": 10.0,
+              "tflops_per_device": 0.1, "eval": {"passkey": {"1024": 1.0, "2048": 0.5}}}
+    assert scalars(record) == {"train/loss": 2.5, "train/lr": 1e-3, "train/tokens_per_s": 10.0,
+                               "train/tflops_per_device": 0.1, "eval/passkey/1024": 1.0, "eval/passkey/2048": 0.5}

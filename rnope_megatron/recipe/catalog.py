@@ -91,7 +91,10 @@ def entries() -> list[Entry]:
     """Every shipped recipe, loaded and validated (a broken one fails here, naming it)."""
     rows = []
     for name, path in shipped_paths().items():
-        recipe = load_recipe(path)
+        try:
+            recipe = load_recipe(path)
+        except RecipeError as err:
+            raise RecipeError(f"shipped recipe {name} ({path}): {err}") from None
         scale, _, stage = name.rpartition("/")
         c = recipe.cluster
         cluster = f"{c.nodes} x {c.gpus_per_node} {c.gpu}" if c.nodes is not None else "-"
