@@ -4,6 +4,8 @@ layer) as a Megatron-Core plugin."""
 from setuptools import find_packages, setup
 
 QUANT = ["nvidia-modelopt>=0.47", "requests"]
+WANDB = ["wandb>=0.19"]
+RECIPES = "rnope_megatron.recipes"
 
 setup(
     name="rnope-megatron",
@@ -11,9 +13,16 @@ setup(
     description="RNoPE-SWA hybrid attention for Megatron-Core (TE and portable backends)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["rnope_megatron", "rnope_megatron.*"]),
-    # The CPU sliding-window kernel is compiled from source on first use (native_cpu.py).
-    package_data={"rnope_megatron.attention": ["csrc/*.cpp", "csrc/*.h"]},
+    # The top-level recipes/ folder travels with the package as rnope_megatron.recipes
+    # (rnope-train 8b/128k resolves names there: rnope_megatron/recipe/catalog.py).
+    packages=[*find_packages(include=["rnope_megatron", "rnope_megatron.*"]), RECIPES],
+    package_dir={RECIPES: "recipes"},
+    package_data={
+        # The CPU sliding-window kernel is compiled from source on first use (native_cpu.py).
+        "rnope_megatron.attention": ["csrc/*.cpp", "csrc/*.h"],
+        # every recipe and section file, nested folders included (8b/128k.yaml, models/, data/)
+        RECIPES: ["*.yaml", "**/*.yaml"],
+    },
     python_requires=">=3.12",
     install_requires=[
         "megatron-core>=0.19,<0.20",
@@ -34,9 +43,11 @@ setup(
         # imports requests without declaring it. Also in dev: CI runs the quantization tests.
         "quant": QUANT,
         "modelopt": QUANT,  # the earlier name of the same extra
+        # Weights & Biases logging beside TensorBoard (logging.wandb in a recipe).
+        "wandb": WANDB,
         # lm-evaluation-harness (its hf model needs accelerate): the test that scores an
         # export through the harness on rnope-eval's own cases (rnope-eval lm-eval-tasks).
-        "dev": ["pytest>=8", "matplotlib", "tensorboard", *QUANT, "lm-eval>=0.4.9", "accelerate",
+        "dev": ["pytest>=8", "matplotlib", "tensorboard", *QUANT, "lm-eval>=0.4.9", "accelerate", *WANDB,
                 # the layer contract of .importlinter, checked by make test
                 "import-linter>=2.0"],
     },

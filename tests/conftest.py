@@ -14,7 +14,8 @@ TIER_OF_FILE = {
     "numeric": ("test_sliding_window", "test_native_cpu", "test_model_oracle", "test_flops_and_data"),
     "distributed": ("test_distributed", "test_context_parallel", "test_checkpoint_layout"),
     "cli": ("test_train", "test_recipe", "test_crash_safety", "test_cli", "test_convert_output", "test_convert",
-            "test_eval", "test_plan", "test_plan_memory", "test_slurm_kit", "test_benchmarks"),
+            "test_eval", "test_plan", "test_plan_memory", "test_slurm_kit", "test_benchmarks", "test_recipe_catalog",
+            "test_wandb_logging"),
     "slow": ("test_quantize",),
 }
 TIERS = tuple(TIER_OF_FILE)

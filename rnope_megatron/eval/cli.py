@@ -156,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("loss", help="mean and per-position next-token loss")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--input-ids", help=".npy or .json token ids [batch, seq]")
-    p.add_argument("--data", help="YAML: a recipe with a data: section, or the section alone")
+    p.add_argument("--data", help="a recipe (file or shipped name: tiny-cpu) with a data: section, or the section alone")
     p.add_argument("--length", type=int, help="tokens per sample with --data")
     p.add_argument("--samples", type=int, default=8, help="samples with --data")
     p.add_argument("--seed", type=int, default=0, help="sample order with --data")

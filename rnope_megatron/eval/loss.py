@@ -25,7 +25,7 @@ from rnope_megatron.data.dataset import SampleShape, build_dataset
 from rnope_megatron.eval.models import quiet_checkpoint_reading
 from rnope_megatron.eval.plots import loss_curve
 from rnope_megatron.model.build import run_model
-from rnope_megatron.recipe import read_yaml
+from rnope_megatron.recipe import catalog, read_yaml
 from rnope_megatron.recipe.sections import DataSection
 
 
@@ -92,13 +92,11 @@ def octave_bins(curve: torch.Tensor) -> list[dict]:
 
 
 def _data_section(path) -> dict:
-    """The ``data:`` section of a recipe file (its base and section files resolved), or
-    the file's mapping itself when it is a bare data section."""
+    """The ``data:`` section of a recipe file or a shipped recipe's name (its base and
+    section files resolved), or the file's mapping itself when it is a bare data section."""
     import yaml
 
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {path} not found")
+    path = catalog.resolve(path, option="--data")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
@@ -131,6 +129,8 @@ def loss_command(checkpoint, input_ids=None, data=None, length=None, samples=8, 
         raise ValueError("--data needs --length N (N >= 2 tokens per sample)")
     if samples < 1:
         raise ValueError(f"--samples must be >= 1, got {samples}")
+    if data is not None:  # a file, or a shipped recipe's name; an unknown one fails before any work
+        data = catalog.resolve(data, option="--data")
     ids = read_ids(input_ids) if input_ids else None
     source = resolve(checkpoint)
     trained = (saved_recipe(source).get("train") or {}).get("seq_length")

@@ -1,12 +1,13 @@
-"""``rnope-plan RECIPE.yaml [section.key=value ...] [--nodes N] [--gpus-per-node G]
-[--gpu h100|h200|b200] [--achieved-tflops X] [--json]``
+"""``rnope-plan RECIPE [section.key=value ...] [--nodes N] [--gpus-per-node G]
+[--gpu h100|h200|b200] [--achieved-tflops X] [--json]``; ``rnope-plan --list-recipes``
 
 Checks a recipe with the trainer's own rules for a cluster (the recipe's ``cluster``
 section, or the options) and prints the layer map per pipeline rank, memory per GPU by
 component, FLOPs per token, step time and the speed-up over the all-global RoPE
 baseline. Exit status 0 when the layout fits, 3 when it does not fit, 1 on a bad recipe
 or option (one line naming the field). ``--run-dir`` prints the run directory after the
-trainer's checks for the world size (what examples/slurm/train.sbatch needs)."""
+trainer's checks for the world size (what examples/slurm/train.sbatch needs). RECIPE is a
+file or the name of a shipped recipe (``8b/128k``; ``--list-recipes`` lists them)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ quiet_known_warnings()
 
 from rnope_megatron.plan import make_plan, render  # noqa: E402
 from rnope_megatron.plan.core import resolve_cluster  # noqa: E402
-from rnope_megatron.recipe import RecipeError, load_recipe  # noqa: E402
+from rnope_megatron.recipe import RecipeError, catalog, load_recipe  # noqa: E402
 from rnope_megatron.recipe.validation import validate  # noqa: E402
 
 NOT_FITTING = 3
@@ -31,7 +32,7 @@ NOT_FITTING = 3
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnope-plan", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe")
+    parser.add_argument("recipe", nargs="?", help="a YAML file, or a shipped recipe's name (8b/128k)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, as rnope-train takes them")
     parser.add_argument("--nodes", type=int, help="nodes (default: the recipe's cluster.nodes)")
     parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: cluster.gpus_per_node)")
@@ -39,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--achieved-tflops", type=float,
                         help="sustained TFLOP/s per GPU for the step time (default: 40%% of the bf16 peak)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--list-recipes", action="store_true",
+                        help="list the shipped recipes (scale, stage, cluster) and exit")
     parser.add_argument("--run-dir", action="store_true",
                         help="check the recipe with the trainer's rules for this world size and print its run "
                              "directory only (for job scripts; no memory check)")
@@ -53,13 +56,21 @@ def _print_run_dir(recipe, args) -> int:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.list_recipes:
+        with one_line_errors("rnope-plan"):
+            print(catalog.render(catalog.entries()), flush=True)
+        return 0
+    if args.recipe is None:
+        parser.error("the following arguments are required: recipe (a file or a shipped name; --list-recipes)")
     with one_line_errors("rnope-plan"):
         try:
-            recipe = load_recipe(args.recipe, args.overrides)
+            path = catalog.resolve(args.recipe)
+            recipe = load_recipe(path, args.overrides)
             if args.run_dir:
                 return _print_run_dir(recipe, args)
-            plan = make_plan(recipe, args.recipe, args.nodes, args.gpus_per_node, args.gpu, args.achieved_tflops)
+            plan = make_plan(recipe, path, args.nodes, args.gpus_per_node, args.gpu, args.achieved_tflops)
         except RecipeError as err:  # the trainer's words, as rnope-train prints them
             raise SystemExit(f"rnope-plan: bad recipe: {one_line(err)}") from None
         print(json.dumps(plan) if args.json else render(plan), flush=True)

@@ -178,8 +178,23 @@ class CheckpointSection:
 
 
 @dataclasses.dataclass
+class WandbSection:
+    """``logging.wandb``: Weights & Biases beside TensorBoard, with the same scalars and the
+    recipe as the run's config (needs the ``wandb`` extra). Absent or ``null``: off. Each
+    start of the trainer (a resume too) is one W&B run; a run directory's runs share a group."""
+
+    project: str = "rnope-megatron"
+    """W&B project."""
+    name: Optional[str] = None
+    """Run name and group; None: the run directory's name."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """``offline`` writes the run under ``WANDB_DIR`` (default: the run directory) for a later
+    ``wandb sync``; ``disabled`` logs nothing."""
+
+
+@dataclasses.dataclass
 class LoggingSection:
-    """Console, metrics.jsonl and TensorBoard."""
+    """Console, metrics.jsonl, TensorBoard and (optionally) Weights & Biases."""
 
     run_dir: str = "runs/default"
     """Directory for metrics.jsonl, TensorBoard logs and (by default) checkpoints."""
@@ -189,6 +204,8 @@ class LoggingSection:
     """Write TensorBoard events when the tensorboard package is installed."""
     peak_tflops: Optional[float] = None
     """Per-device peak (e.g. 989 for H100 bf16 dense) to print MFU; None prints TFLOP/s only."""
+    wandb: Optional[WandbSection] = None
+    """Weights & Biases (:class:`WandbSection`); None: off."""
 
 
 @dataclasses.dataclass

@@ -184,6 +184,24 @@ def validate_logging(recipe: Recipe) -> None:
     peak = recipe.logging.peak_tflops
     if peak is not None:
         _finite("logging.peak_tflops", peak, positive=True)
+    if recipe.logging.wandb is not None:
+        validate_wandb(recipe.logging.wandb)
+
+
+# W&B refuses project names with these characters (and names over 128 characters).
+_WANDB_PROJECT_FORBIDDEN = "/\\#?%:"
+
+
+def validate_wandb(w) -> None:
+    if not w.project.strip():
+        raise RecipeError("logging.wandb.project must not be empty")
+    bad = sorted(set(w.project) & set(_WANDB_PROJECT_FORBIDDEN))
+    if bad:
+        raise RecipeError(f"logging.wandb.project={w.project!r} must not contain {' '.join(bad)}")
+    if len(w.project) > 128:
+        raise RecipeError(f"logging.wandb.project is {len(w.project)} characters long (W&B takes at most 128)")
+    if w.name is not None and not w.name.strip():
+        raise RecipeError("logging.wandb.name must not be empty (leave it out for the run directory's name)")
 
 
 def validate_cluster(recipe: Recipe) -> None:

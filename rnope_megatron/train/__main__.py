@@ -1,5 +1,9 @@
-"""``rnope-train [--check [--gpu h100|h200|b200]] RECIPE.yaml [section.key=value ...]``
-(or ``python -m rnope_megatron.train``).
+"""``rnope-train [--check [--gpu h100|h200|b200]] RECIPE [section.key=value ...]``
+(or ``python -m rnope_megatron.train``); ``rnope-train --list-recipes``.
+
+RECIPE is a YAML file, or the name of a recipe shipped with the package (``8b/128k``,
+``tiny-cpu``; a file that exists wins). ``--list-recipes`` prints the shipped recipes with
+their scale, stage and the cluster each was planned for.
 
 Single process on a laptop CPU, or under ``torchrun`` on many GPUs: same command.
 Resumes automatically from ``checkpoint.dir/latest``; SIGTERM / SIGUSR1 (SLURM
@@ -26,10 +30,11 @@ quiet_known_warnings()
 
 from rnope_megatron.common import gpus  # noqa: E402
 from rnope_megatron.model.precision import Platform, plan_precision  # noqa: E402
-from rnope_megatron.recipe import RecipeError, load_recipe  # noqa: E402
+from rnope_megatron.recipe import RecipeError, catalog, load_recipe  # noqa: E402
 from rnope_megatron.recipe.validation import validate, validate_input_files  # noqa: E402
 from rnope_megatron.train.console import describe_attention  # noqa: E402
 from rnope_megatron.train.loop import run  # noqa: E402
+from rnope_megatron.train.wandb_run import require_wandb  # noqa: E402
 
 
 def _split_options(argv: list[str]) -> tuple[bool, str | None, list[str]]:
@@ -62,13 +67,17 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    if argv[0] == "--list-recipes":
+        with one_line_errors("rnope-train"):
+            print(catalog.render(catalog.entries()), flush=True)
+        return 0
     check, gpu_name, argv = _split_options(argv)
     if not argv:
         raise SystemExit("rnope-train: no recipe given (rnope-train [--check [--gpu NAME]] RECIPE.yaml ...)")
     with one_line_errors("rnope-train"):
         world = os.environ.get("WORLD_SIZE")
         try:
-            recipe = load_recipe(argv[0], argv[1:])
+            recipe = load_recipe(catalog.resolve(argv[0]), argv[1:])
             if world is not None or not check:
                 validate(recipe, int(world or 1))
             platform = _platform(gpu_name)
@@ -77,6 +86,8 @@ def main(argv=None) -> int:
                                   "pass --gpu h100|h200|b200 to check the recipe for one")
             # Before any process group: what TE cannot run on this GPU is refused here.
             precision = plan_precision(recipe, platform)
+            if recipe.logging.wandb is not None:
+                require_wandb()
             if not check:
                 validate_input_files(recipe)
         except RecipeError as err:

@@ -166,6 +166,7 @@ def run(recipe) -> dict:
         logger = MetricsLogger(
             recipe.run_dir, t.iters, start_iteration, training_flops_per_token(recipe.model, t.seq_length),
             world_size, recipe.logging.peak_tflops, recipe.logging.tensorboard, active=rank0,
+            wandb=recipe.logging.wandb, config=recipe.to_dict(),
         )
         if rank0:
             params = sum(p.numel() for m in engine.model for p in m.parameters())
@@ -179,6 +180,7 @@ def run(recipe) -> dict:
         if recipe.eval.interval:
             gate = EvalGate(recipe, engine.model, compute_device())
         iteration, reason = train(engine, dataset, logger, stop, start_iteration, gate)
+        wandb = logger.describe_wandb()
         logger.close()
         latest = latest_checkpoint(recipe.checkpoint_dir)
         summary = {
@@ -192,7 +194,8 @@ def run(recipe) -> dict:
             _write_exit_status(recipe.run_dir, summary)
             digest = f"; state digest {summary['state_digest']}" if t.state_digest else ""
             print(f"rnope-train: {reason} at iteration {iteration}; checkpoint {summary['checkpoint']}; "
-                  f"metrics {summary['metrics']}; tensorboard {logger.describe_tensorboard()}{digest}", flush=True)
+                  f"metrics {summary['metrics']}; tensorboard {logger.describe_tensorboard()}"
+                  + (f"; wandb {wandb}" if wandb else "") + digest, flush=True)
         dist.barrier()
     finally:
         if lock is not None:

@@ -1,4 +1,5 @@
-"""Progress reporting: a console line, ``metrics.jsonl`` and TensorBoard (if installed).
+"""Progress reporting: a console line, ``metrics.jsonl``, TensorBoard (if installed) and
+Weights & Biases (``logging.wandb``), the last two with the same scalars (:func:`scalars`).
 
 Each iteration appears once in ``metrics.jsonl``: a resumed run first drops the records
 of iterations after its checkpoint (logged by the run that was killed, and about to be
@@ -10,6 +11,21 @@ import json
 import math
 import pathlib
 import time
+
+from rnope_megatron.train.wandb_run import WandbRun
+
+# The record's values drawn as curves (TensorBoard and W&B): train/<key>.
+SCALAR_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device")
+
+
+def scalars(record: dict) -> dict:
+    """The curves of one record: ``train/<key>`` for :data:`SCALAR_KEYS` (a None grad norm
+    left out) and ``eval/<task>/<length>`` for each eval gate accuracy."""
+    values = {f"train/{key}": record[key] for key in SCALAR_KEYS if record[key] is not None}
+    for task, accuracies in (record.get("eval") or {}).items():
+        for length, accuracy in accuracies.items():
+            values[f"eval/{task}/{length}"] = accuracy
+    return values
 
 
 def _keep_records_up_to(path: pathlib.Path, iteration: int) -> None:
@@ -44,7 +60,10 @@ class MetricsLogger:
     """Writes one record per logged iteration (rank 0 only does I/O)."""
 
     def __init__(self, run_dir, total_iters: int, start_iteration: int, flops_per_token: float,
-                 world_size: int, peak_tflops: float | None, tensorboard: bool, active: bool):
+                 world_size: int, peak_tflops: float | None, tensorboard: bool, active: bool,
+                 wandb=None, config: dict | None = None):
+        """``wandb``: the recipe's ``logging.wandb`` section (None: off), ``config`` the
+        recipe as a mapping (the W&B run's config)."""
         self.active = active
         self.total = total_iters
         self.flops_per_token = flops_per_token
@@ -56,6 +75,7 @@ class MetricsLogger:
         self.window_tokens = 0
         self.writer = None
         self.tensorboard_state = "off"
+        self.wandb = None
         if not active:
             return
         run_dir = pathlib.Path(run_dir)
@@ -70,6 +90,8 @@ class MetricsLogger:
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_iteration + 1)
             except ImportError:
                 self.tensorboard_state = "not installed"
+        if wandb is not None:
+            self.wandb = WandbRun(wandb, run_dir, config or {}, start_iteration)
 
     @property
     def tensorboard_dir(self):
@@ -77,6 +99,9 @@ class MetricsLogger:
 
     def describe_tensorboard(self) -> str:
         return self.writer.log_dir if self.writer else self.tensorboard_state
+
+    def describe_wandb(self) -> str | None:
+        return self.wandb.describe() if self.wandb else None
 
     def exclude_time(self, seconds: float) -> None:
         """Leave ``seconds`` (a checkpoint save) out of the current window's tokens/s."""
@@ -121,13 +146,12 @@ class MetricsLogger:
                       flush=True)
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
+            values = scalars(record)
             if self.writer:
-                for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device"):
-                    if record[key] is not None:
-                        self.writer.add_scalar(f"train/{key}", record[key], iteration)
-                for task, accuracies in (evaluation or {}).items():
-                    for length, accuracy in accuracies.items():
-                        self.writer.add_scalar(f"eval/{task}/{length}", accuracy, iteration)
+                for tag, value in values.items():
+                    self.writer.add_scalar(tag, value, iteration)
+            if self.wandb:
+                self.wandb.log(values, iteration)
         return record
 
     def close(self) -> None:
@@ -135,3 +159,5 @@ class MetricsLogger:
             self.jsonl.close()
             if self.writer:
                 self.writer.close()
+            if self.wandb:
+                self.wandb.close()
