@@ -9,6 +9,10 @@ text and its answer; the harness generates greedily for as many tokens as the an
 greedy continuation starts with the answer" (a model trained only on answers need not
 stop after one, so the generation is cut to the answer's length rather than at a stop
 string).
+
+The directory is written whole or not at all (:func:`rnope_megatron.outputs.staged_output`):
+a non-empty ``--out`` is refused without ``--force``, and ``--force`` replaces only the
+files a previous ``lm-eval-tasks`` wrote (its manifest lists them).
 """
 
 from __future__ import annotations
@@ -17,12 +21,17 @@ import json
 import pathlib
 
 from rnope_megatron.eval.tasks import build_grid
+from rnope_megatron.outputs import check_output, staged_output
+
+TOOL = "rnope-eval lm-eval-tasks"
 
 
-def write_tasks(out, task: str, lengths, depths, samples: int, seed: int, tokenizer) -> list[str]:
+def write_tasks(out, task: str, lengths, depths, samples: int, seed: int, tokenizer, final=None) -> list[str]:
     """Write ``<out>/rnope_<task>_<length>.{jsonl,yaml}`` and the group ``rnope_<task>``;
-    returns the task names."""
+    returns the task names. ``final``: where ``out`` will be moved (the task files name
+    their data files there)."""
     out = pathlib.Path(out)
+    final = pathlib.Path(final or out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     grid = build_grid(task, lengths, depths, samples, seed, tokenizer)
     names = []
@@ -37,7 +46,7 @@ def write_tasks(out, task: str, lengths, depths, samples: int, seed: int, tokeni
         answer_tokens = max(len(case.answer) for case in cases)
         # YAML is a superset of JSON: the task file is written as JSON, no YAML writer needed
         spec = {
-            "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
+            "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(final / data.name)}},
             "test_split": "test", "output_type": "generate_until",
             "doc_to_text": "{{prompt}}", "doc_to_target": "{{answer}}", "target_delimiter": "",
             "generation_kwargs": {"until": [], "max_gen_toks": answer_tokens, "do_sample": False},
@@ -55,7 +64,10 @@ def lm_eval_tasks_command(args) -> dict:
     from rnope_megatron.eval.cli import parse_depths, parse_lengths
     from rnope_megatron.eval.models import tokenizer_of
 
+    inputs = [args.tokenizer] if args.tokenizer != "bytes" else []
+    check_output(args.out, inputs, args.force, TOOL, label="--out")  # before any work
     tokenizer = tokenizer_of(args.tokenizer, "--tokenizer")
-    names = write_tasks(args.out, args.task, parse_lengths(args.lengths), parse_depths(args.depths),
-                        args.samples, args.seed, tokenizer)
+    lengths, depths = parse_lengths(args.lengths), parse_depths(args.depths)
+    with staged_output(args.out, inputs, args.force, {"command": "lm-eval-tasks", "task": args.task}, TOOL) as stage:
+        names = write_tasks(stage, args.task, lengths, depths, args.samples, args.seed, tokenizer, args.out)
     return {"out": str(args.out), "tasks": names, "group": f"rnope_{args.task}"}

@@ -18,6 +18,8 @@ import tempfile
 
 import torch
 
+from rnope_megatron.outputs import write_text
+
 
 def _ids_from_json(path: pathlib.Path) -> list:
     try:
@@ -157,7 +159,7 @@ def loss_command(checkpoint, input_ids=None, data=None, length=None, samples=8, 
 def write_loss_outputs(result: dict, json_path=None, png=None, title="") -> None:
     """The result as JSON at ``json_path`` and its per-position curve as a PNG."""
     if json_path:
-        pathlib.Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        write_text(json_path, json.dumps(result, indent=2) + "\n", "--json")
     if png:
         from rnope_megatron.eval.plots import loss_curve
 

@@ -128,7 +128,7 @@ def export(model, cfg, adapter, recipe: dict, hf_dir, inputs: list, force: bool)
     """Write the quantized Hugging Face directory (staged, like rnope-convert's outputs)."""
     from modelopt.torch.export import export_hf_checkpoint
 
-    from rnope_megatron.convert.output import staged_output
+    from rnope_megatron.outputs import staged_output
     from rnope_megatron.data.tokenizers import make_tokenizer
     from rnope_megatron.quantize.formats import FORMATS, modelopt_config
 
@@ -141,7 +141,8 @@ def export(model, cfg, adapter, recipe: dict, hf_dir, inputs: list, force: bool)
     except (OSError, ValueError):
         eod = None
     hf = quantized_hf_model(model, cfg, adapter, fmt_config, eod)
-    with staged_output(hf_dir, inputs, force, {"command": "quantize --hf", "arch": adapter.model_type}) as stage:
+    with staged_output(hf_dir, inputs, force, {"command": "quantize --hf", "arch": adapter.model_type},
+                       "rnope-quantize") as stage:
         # Unquantized tensors (embeddings, norms, the head) keep the model's float32.
         export_hf_checkpoint(hf, export_dir=stage)
         if tokenizer != "bytes" and pathlib.Path(tokenizer).is_file():
