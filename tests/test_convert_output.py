@@ -61,12 +61,13 @@ def test_force_replaces_only_a_previous_converter_output(hf_and_megatron, tmp_pa
 
     out = tmp_path / "exported"
     assert convert("to-hf", mg, out, "--dtype", "fp32").returncode == 0
-    (out / "stale.bin").write_text("from an older export")
+    (out / "notes.bin").write_text("the user's, added to an export")
     refused = convert("to-hf", mg, out)
     assert_one_line_error(refused, "rnope-convert", "is not empty (use --force")
     replaced = convert("to-hf", mg, out, "--dtype", "fp32", "--force")
     assert replaced.returncode == 0, replaced.stderr[-2000:]
-    assert not (out / "stale.bin").exists() and (out / "config.json").is_file()
+    # the manifest lists what rnope-convert wrote: only that is replaced, the rest kept
+    assert (out / "notes.bin").read_text() == "the user's, added to an export" and (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "foreign"]  # no staging left
 
 
@@ -110,7 +111,7 @@ def test_a_failed_replacement_puts_the_previous_output_back(tmp_path, monkeypatc
 
     out = tmp_path / "out"
     out.mkdir()
-    (out / MARKER).write_text("{}")
+    (out / MARKER).write_text('{"files": ["weights"]}')
     (out / "weights").write_text("previous")
     real_rename = _pathlib.Path.rename
 

@@ -321,7 +321,8 @@ def test_lm_eval_harness_agrees_with_rnope_eval_on_an_export(reproduction_runs, 
         convert = subprocess.run([console_script("rnope-convert"), "to-hf", str(run / "checkpoints"), str(hf),
                                   "--arch", "smollm3"], capture_output=True, text=True, cwd=ROOT, timeout=600)
         assert convert.returncode == 0, convert.stderr[-2000:]
-        made = _eval("lm-eval-tasks", "--out", tasks, "--tokenizer", hf / "tokenizer.json", *grid)
+        # the same tasks for both models: the second run replaces the first's files (--force)
+        made = _eval("lm-eval-tasks", "--out", tasks, "--tokenizer", hf / "tokenizer.json", *grid, "--force")
         assert made.returncode == 0 and "rnope_passkey" in made.stdout, made.stderr[-2000:]
         ours = _eval("passkey", "--hf", hf, *grid, "--json", tmp_path / f"ours-{pattern}.json", "--quiet")
         assert ours.returncode == 0, ours.stderr[-2000:]

@@ -208,8 +208,9 @@ def _dequantized_hf(hf_dir: pathlib.Path, fmt: str):
 
 def _check_ptq(ckpt, data_cache, tmp_path, fmt, parallel=False):
     """Quantize in-process; every must-hold of the issue for one format. Returns the report."""
+    from rnope_megatron.checkpoint import quantizer_state as state
     from rnope_megatron.checkpoint.reader import load_model
-    from rnope_megatron.quantize import calibration, command, formats, hf_export, state
+    from rnope_megatron.quantize import calibration, command, formats, hf_export
 
     cfg, model = load_model(ckpt)
     pattern = _pattern_of(model)

@@ -16,6 +16,7 @@ from rnope_megatron.recipe import RecipeError, load_recipe
 from rnope_megatron.train.metrics import scalars
 from tests.trainer import FAST, RECIPE, ROOT, assert_one_line_error, console_script, metrics
 
+
 def _wandb_records(path: pathlib.Path):
     """The protobuf records of an offline run's ``.wandb`` file, parsed with wandb's own
     message classes. The file is a LevelDB-style log: a 7-byte header (``:W&B``, magic,

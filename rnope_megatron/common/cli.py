@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import sys
 import warnings
 
 from rnope_megatron.common.distributed import shutdown_parallel
 from rnope_megatron.common.errors import UserError
+from rnope_megatron.common.output import Interrupted
 
 # (message prefix, module) of warnings megatron-core and torch print on every CPU run
 # that no user can act on. Anything else still shows.
@@ -23,6 +25,17 @@ KNOWN_HARMLESS = [
     (r"full scope is deprecated", r"megatron\.core\.transformer\.transformer_config"),
     # megatron reads a checkpoint's common state with torch DCP's no_dist on purpose
     (r"torch.distributed is disabled, unavailable or uninitialized", r"torch\..*"),
+]
+
+
+# (message prefix, category) of warnings torch and modelopt raise on behalf of whatever
+# module called them (so no module filter) that no user can act on: DCP's notices while
+# megatron reads a checkpoint, modelopt's import-time notices.
+KNOWN_HARMLESS_ANYWHERE = [
+    (r"The argument order of load has been changed", UserWarning),
+    (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
+    (r"`torch\.jit\.script` is deprecated", FutureWarning),
+    (r"transformers \S+ is not tested with current version of modelopt", UserWarning),
 ]
 
 
@@ -47,11 +60,14 @@ class _DropMessages(logging.Filter):
 
 
 def quiet_known_warnings() -> None:
-    """Silence :data:`KNOWN_HARMLESS` warnings, :data:`KNOWN_HARMLESS_LOGS` and torch's
+    """Silence :data:`KNOWN_HARMLESS` and :data:`KNOWN_HARMLESS_ANYWHERE` warnings,
+    :data:`KNOWN_HARMLESS_LOGS` and torch's
     "No CUDA runtime is found" log line (printed when megatron imports
     ``torch.utils.cpp_extension`` on a CPU machine)."""
     for message, module in KNOWN_HARMLESS:
         warnings.filterwarnings("ignore", message=message, category=UserWarning, module=module)
+    for message, category in KNOWN_HARMLESS_ANYWHERE:
+        warnings.filterwarnings("ignore", message=message, category=category)
     for logger, prefix in KNOWN_HARMLESS_LOGS:
         logging.getLogger(logger or None).addFilter(_DropMessages(prefix))
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -80,11 +96,17 @@ USER_ERRORS = (UserError, ValueError, OSError)
 
 @contextlib.contextmanager
 def one_line_errors(prog: str):
-    """Turn the errors a user can cause into ``prog: <one line>`` and exit status 1;
-    tear down process groups either way."""
+    """Turn the errors a user can cause into ``prog: <one line>`` and exit status 1, and a
+    SIGTERM / SIGINT that unwound a staged writer (:mod:`rnope_megatron.common.output`) into one
+    line and the status a shell gives a signal (128 + its number); tear down process
+    groups either way."""
     try:
         yield
     except USER_ERRORS as err:
         raise SystemExit(f"{prog}: {one_line(err)}") from None
+    except Interrupted as stop:
+        print(f"{prog}: stopped by {stop}; partial output removed, previous output (if any) kept",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + stop.signum) from None
     finally:
         shutdown_parallel()

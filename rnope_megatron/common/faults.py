@@ -4,11 +4,12 @@ place instead of polling for it.
 ``RNOPE_FAULT=ACTION@POINT:ITERATION`` (comma-separated for several), e.g.
 ``kill@after_step:5`` (SIGKILL right after iteration 5's optimizer step and log line) or
 ``stop@after_save:2`` (SIGSTOP once checkpoint 2 is in place, so a test can look at the
-process tree before killing it). Actions: ``kill``, ``stop``, ``term_group`` and
+process tree before killing it). Actions: ``kill``, ``stop``, ``term`` (SIGTERM to this process), ``term_group`` and
 ``usr1_group`` (SIGTERM / SIGUSR1 to the whole process group, as ``timeout``, ``kill --
 -PGID`` or a scheduler does). Points: ``after_step``,
-``mid_save`` (shards written, checkpoint not yet in place), ``after_save``. Unset (the
-default) it does nothing.
+``mid_save`` (shards written, checkpoint not yet in place), ``after_save``, ``mid_output``
+(a command's staged output half written: ITERATION counts documents for rnope-preprocess,
+tensor groups for rnope-convert). Unset (the default) it does nothing.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from __future__ import annotations
 import os
 import signal
 
-ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term_group": signal.SIGTERM,
+ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM, "term_group": signal.SIGTERM,
            "usr1_group": signal.SIGUSR1}
-POINTS = ("after_step", "mid_save", "after_save")
+POINTS = ("after_step", "mid_save", "after_save", "mid_output")
 
 
 def _planned() -> list[tuple[str, str, int]]:

@@ -1,6 +1,6 @@
 """``rnope-convert``: Megatron checkpoints <-> Hugging Face model directories.
 
-    rnope-convert to-hf CKPT_DIR OUT_DIR [--arch smollm3|cohere2] [--dtype bf16|fp32] [--force]
+    rnope-convert to-hf CKPT_DIR OUT_DIR [--arch smollm3|cohere2] [--dtype bf16|fp32|fp16] [--force]
     rnope-convert from-hf HF_DIR OUT_DIR [--force]
 
 to-hf streams: one layer's tensors are read from the checkpoint at a time and written out
@@ -8,9 +8,13 @@ shard by shard (safetensors + index), so memory stays near one shard. from-hf wr
 weights-only checkpoint plus ``model.yaml`` (the recipe's model section); continue
 training with ``checkpoint.load=OUT_DIR checkpoint.reset_optimizer=true``.
 
+to-hf exports in the checkpoint's own precision (what it was trained or imported in)
+unless --dtype says otherwise.
+
 The output is written beside OUT_DIR and moved into place when complete. An OUT_DIR that
-is, contains or lies inside the input is refused; ``--force`` replaces only a previous
-rnope-convert output.
+is, contains or lies inside the input is refused; ``--force`` replaces only the files a
+previous rnope-convert wrote (its manifest lists them) and keeps the user's own
+(e.g. a README.md model card).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
     p.add_argument("--arch", choices=target_names())
-    p.add_argument("--dtype", choices=EXPORT_DTYPES, default="bf16")
+    p.add_argument("--dtype", choices=EXPORT_DTYPES, default=None,
+                   help="default: the checkpoint's own precision (what it was trained or imported in)")
     p.add_argument("--shard-mb", type=int, default=2000)
     p.add_argument("--force", action="store_true")
     p = sub.add_parser("from-hf", help="Hugging Face directory -> weights-only Megatron checkpoint")
@@ -44,7 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("out_dir")
     p.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
-    with one_line_errors("rnope-convert"):
+    with one_line_errors("rnope-convert"):  # SIGTERM in a staged write: removed, one line
         if args.command == "to-hf":
             commands.to_hf(args.checkpoint, args.out_dir, args.arch, args.dtype, args.force, args.shard_mb)
         else:

@@ -6,6 +6,7 @@ into one line that says what to install.
 
 from __future__ import annotations
 
+import errno
 import json
 import pathlib
 import sys
@@ -68,6 +69,16 @@ class HFWeights:
     def names(self) -> list[str]:
         return list(self.file_of)
 
+    def shapes(self) -> dict[str, list[int]]:
+        """Every tensor's shape, from the safetensors headers (no tensor is loaded)."""
+        return {name: list(self._handles[file].get_slice(name).get_shape()) for name, file in self.file_of.items()}
+
+    def dtype(self, name: str) -> str | None:
+        """A tensor's stored dtype as safetensors names it (``BF16``, ``F32``), or None."""
+        if name not in self.file_of:
+            return None
+        return self._handles[self.file_of[name]].get_slice(name).get_dtype()
+
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         missing = [name for name in names if name not in self.file_of]
         if missing:
@@ -83,10 +94,12 @@ class HFWeights:
 
 class ShardedWriter:
     """Writes tensors into ``model-0000N.safetensors`` shards of about ``shard_bytes``,
-    then the index (or a single ``model.safetensors``)."""
+    then the index (or a single ``model.safetensors``). ``final_dir``: where ``out_dir``
+    will be moved (errors name the file there)."""
 
-    def __init__(self, out_dir: pathlib.Path, shard_bytes: int):
+    def __init__(self, out_dir: pathlib.Path, shard_bytes: int, final_dir: pathlib.Path | None = None):
         self.out_dir, self.shard_bytes = out_dir, shard_bytes
+        self.final_dir = final_dir or out_dir
         self.shard: dict = {}
         self.shard_size = self.total = 0
         self.files: list[str] = []
@@ -107,7 +120,14 @@ class ShardedWriter:
 
         if self.shard:
             name = f"model-{len(self.files) + 1:05d}.safetensors"
-            save_file(self.shard, str(self.out_dir / name), metadata={"format": "pt"})
+            try:
+                save_file(self.shard, str(self.out_dir / name), metadata={"format": "pt"})
+            except OSError:
+                raise
+            except Exception as err:  # safetensors raises its own SafetensorError for OS failures
+                if "os error 28" in str(err) or "No space left" in str(err):
+                    raise OSError(errno.ENOSPC, "No space left on device", str(self.final_dir / name)) from None
+                raise OSError(f"{self.final_dir / name}: cannot write ({err})") from None
             self.files.append(name)
             self.weight_map.update({k: name for k in self.shard})
             self.shard, self.shard_size = {}, 0

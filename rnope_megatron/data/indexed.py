@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 from typing import Iterable
 
 import numpy
+
+from rnope_megatron.common import faults
+from rnope_megatron.common.output import signals_clean_up, sweep_stale
 
 
 def token_dtype(vocab_size: int):
@@ -17,31 +21,47 @@ def write_indexed(prefix: str | pathlib.Path, documents: Iterable, vocab_size: i
     """Write token documents (lists or numpy arrays of ids, each ending with the EOD id the
     caller added) as ``prefix.bin``/``prefix.idx``. Returns the token count.
 
-    Both files are written under ``.tmp`` names and renamed only when complete; on any
-    failure (a bad document, a full disk) the temporary files are removed and nothing
-    appears under the final names."""
+    Both files are written under ``.NAME.partial-PID`` names beside them and renamed only
+    when complete; on any failure (a bad document, a full disk, SIGTERM) the temporary
+    files are removed and nothing appears under the final names. Leftovers of killed
+    runs are swept first."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     prefix = str(prefix)  # may contain dots (data/web.v2): append, never replace, suffixes
     pathlib.Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(vocab_size)
-    tmp_bin, tmp_idx = pathlib.Path(prefix + ".bin.tmp"), pathlib.Path(prefix + ".idx.tmp")
+    final_bin, final_idx = pathlib.Path(prefix + ".bin"), pathlib.Path(prefix + ".idx")
+    for final in (final_bin, final_idx):
+        sweep_stale(final)
+    tmp_bin, tmp_idx = (final.parent / f".{final.name}.partial-{os.getpid()}" for final in (final_bin, final_idx))
     tokens = 0
-    builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
-    try:
-        for doc in documents:
-            array = numpy.asarray(doc, dtype=dtype)  # no copy when it already has the dtype
-            builder.add_document(array, [array.size])
-            tokens += array.size
-        builder.finalize(str(tmp_idx))  # closes the .bin
-    except BaseException:
-        builder.data_file.close()
-        tmp_bin.unlink(missing_ok=True)
-        tmp_idx.unlink(missing_ok=True)
-        raise
-    # The index goes last and an old index first: a crash between the renames leaves no
-    # pair of a new .bin with an old .idx (which would read as a silently wrong dataset).
-    pathlib.Path(prefix + ".idx").unlink(missing_ok=True)
-    tmp_bin.replace(prefix + ".bin")
-    tmp_idx.replace(prefix + ".idx")
+    with signals_clean_up():
+        builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
+        try:
+            for count, doc in enumerate(documents, start=1):
+                array = numpy.asarray(doc, dtype=dtype)  # no copy when it already has the dtype
+                builder.add_document(array, [array.size])
+                tokens += array.size
+                faults.point("mid_output", count)
+            builder.finalize(str(tmp_idx))  # closes the .bin
+            # The index goes last and an old index first: a crash between the renames leaves
+            # no pair of a new .bin with an old .idx (a silently wrong dataset).
+            final_idx.unlink(missing_ok=True)
+            tmp_bin.replace(final_bin)
+            tmp_idx.replace(final_idx)
+        except OSError as err:
+            builder.data_file.close()
+            tmp_bin.unlink(missing_ok=True)
+            tmp_idx.unlink(missing_ok=True)
+            for attr in ("filename", "filename2"):  # name the file the user asked for
+                name = str(getattr(err, attr, None) or "")
+                for tmp, final in ((tmp_bin, final_bin), (tmp_idx, final_idx)):
+                    if name == str(tmp):
+                        setattr(err, attr, str(final))
+            raise
+        except BaseException:
+            builder.data_file.close()
+            tmp_bin.unlink(missing_ok=True)
+            tmp_idx.unlink(missing_ok=True)
+            raise
     return tokens

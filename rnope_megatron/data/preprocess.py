@@ -1,14 +1,16 @@
 """``rnope-preprocess``: text or JSONL files -> a Megatron indexed dataset (.bin/.idx).
 
     rnope-preprocess --input a.jsonl b.jsonl --output-prefix data/web [--json-key text]
-                     [--tokenizer bytes|path/to/tokenizer.json]
+                     [--tokenizer bytes|path/to/tokenizer.json] [--force]
 
 ``.jsonl`` files give one document per line (an object whose ``--json-key`` field is a
 string); any other file is one document. Empty documents are skipped. Input must be UTF-8. Each document ends with the
 tokenizer's end-of-document id. Documents are streamed (one line in memory at a time);
 progress is printed every few seconds; the outputs appear only when complete (written to
-temporary names, then renamed; removed on any error). An input without a single
-document is refused: it would make an unusable dataset.
+temporary names, then renamed; removed on any error or SIGTERM). An input without a single
+document is refused: it would make an unusable dataset. An existing dataset at the prefix
+is replaced only with ``--force``; an input that is one of the outputs
+(``PREFIX.bin``/``PREFIX.idx``) is refused, with or without it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from rnope_megatron.common.cli import one_line_errors, quiet_known_warnings
 # missing on CPU, ...) before the imports below bring Megatron in and print them.
 quiet_known_warnings()
 
+from rnope_megatron.common.output import check_file_target
 from rnope_megatron.data.dataset import documents_with_eod  # noqa: E402
 from rnope_megatron.data.indexed import write_indexed  # noqa: E402
 from rnope_megatron.data.tokenizers import make_tokenizer  # noqa: E402
@@ -69,8 +72,22 @@ def iter_texts(paths: list[str], json_key: str):
                     yield text
 
 
-def preprocess(inputs: list[str], output_prefix: str, tokenizer_spec: str = "bytes", json_key: str = "text") -> dict:
+def check_outputs(inputs: list[str], output_prefix: str, force: bool) -> None:
+    """Before any work: the prefix's folder is writable, no input is an output, an existing
+    dataset is replaced only with ``--force``."""
+    outputs = [pathlib.Path(output_prefix + suffix) for suffix in (".bin", ".idx")]
+    for out in outputs:
+        check_file_target(out, "--output-prefix", inputs=[name for name in inputs if pathlib.Path(name).exists()],
+                          create_parent=True)
+    existing = [str(out) for out in outputs if out.exists()]
+    if existing and not force:
+        raise FileExistsError(f"--output-prefix {output_prefix}: {existing[0]} exists (use --force to replace it)")
+
+
+def preprocess(inputs: list[str], output_prefix: str, tokenizer_spec: str = "bytes", json_key: str = "text",
+               force: bool = False) -> dict:
     """Tokenize ``inputs`` into ``output_prefix.bin/.idx``; returns the counts."""
+    check_outputs(inputs, output_prefix, force)
     tokenizer = make_tokenizer(tokenizer_spec)
     stats = {"documents": 0, "tokens": 0}
     last = [time.time()]
@@ -100,9 +117,10 @@ def main(argv=None) -> int:
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--tokenizer", default="bytes")
     parser.add_argument("--json-key", default="text")
+    parser.add_argument("--force", action="store_true", help="replace an existing dataset at the prefix")
     args = parser.parse_args(argv)
     with one_line_errors("rnope-preprocess"):
-        preprocess(args.input, args.output_prefix, args.tokenizer, args.json_key)
+        preprocess(args.input, args.output_prefix, args.tokenizer, args.json_key, args.force)
     return 0
 
 

@@ -27,7 +27,9 @@ from rnope_megatron.common.cli import one_line_errors, quiet_known_warnings
 # missing on CPU, ...) before the imports below bring Megatron in and print them.
 quiet_known_warnings()
 
+from rnope_megatron.common.output import check_file_target, check_output, staged_output, write_text  # noqa: E402
 from rnope_megatron.eval import models, plots  # noqa: E402
+from rnope_megatron.eval.lm_eval_tasks import TOOL as LM_EVAL_TASKS_TOOL  # noqa: E402
 from rnope_megatron.eval.lm_eval_tasks import write_tasks  # noqa: E402
 from rnope_megatron.eval.loss import loss_command, write_loss_outputs  # noqa: E402
 from rnope_megatron.eval.scoring import by_length, default_batch_size, evaluate_grid  # noqa: E402
@@ -64,10 +66,17 @@ def parse_depths(text: str) -> list[float]:
 
 def _write_json(result: dict, target) -> None:
     if target and target != "-":
-        path = pathlib.Path(target)
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f"--json {path}: folder {path.parent} does not exist")
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        write_text(target, json.dumps(result, indent=2) + "\n", "--json")
+
+
+def check_file_outputs(args, inputs=()) -> None:
+    """Before any work: --json FILE and --png FILE can be written (folder exists and is
+    writable, not a directory, not an input, not the same file)."""
+    json_file = args.json if args.json not in (None, "-") else None
+    if json_file:
+        check_file_target(json_file, "--json", inputs)
+    if args.png:
+        check_file_target(args.png, "--png", inputs, others=[("--json", json_file)])
 
 
 def retrieval_command(task: str, args) -> dict:
@@ -75,8 +84,7 @@ def retrieval_command(task: str, args) -> dict:
     lengths, depths = parse_lengths(args.lengths), parse_depths(args.depths)
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
-    if args.png and not pathlib.Path(args.png).parent.is_dir():
-        raise FileNotFoundError(f"--png {args.png}: folder {pathlib.Path(args.png).parent} does not exist")
+    check_file_outputs(args, [path for path in (args.checkpoint, args.hf) if path])
     started = time.time()
     model = models.load(args.checkpoint, args.hf, args.threads)
     shortest = minimum_length(task, model.tokenizer)
@@ -110,9 +118,13 @@ def retrieval_command(task: str, args) -> dict:
 
 def lm_eval_tasks_command(args) -> dict:
     """``rnope-eval lm-eval-tasks``: this package's cases as a harness task directory."""
+    inputs = [args.tokenizer] if args.tokenizer != "bytes" else []
+    check_output(args.out, inputs, args.force, LM_EVAL_TASKS_TOOL, label="--out")  # before any work
     tokenizer = models.tokenizer_of(args.tokenizer, "--tokenizer")
-    names = write_tasks(args.out, args.task, parse_lengths(args.lengths), parse_depths(args.depths),
-                        args.samples, args.seed, tokenizer)
+    lengths, depths = parse_lengths(args.lengths), parse_depths(args.depths)
+    with staged_output(args.out, inputs, args.force, {"command": "lm-eval-tasks", "task": args.task},
+                       LM_EVAL_TASKS_TOOL) as stage:
+        names = write_tasks(stage, args.task, lengths, depths, args.samples, args.seed, tokenizer, args.out)
     return {"out": str(args.out), "tasks": names, "group": f"rnope_{args.task}"}
 
 
@@ -128,8 +140,7 @@ def _table(result: dict) -> str:
 
 
 def loss_main(args) -> dict:
-    if args.png and not pathlib.Path(args.png).parent.is_dir():
-        raise FileNotFoundError(f"--png {args.png}: folder {pathlib.Path(args.png).parent} does not exist")
+    check_file_outputs(args, [path for path in (args.checkpoint, args.input_ids, args.data) if path])
     result = loss_command(args.checkpoint, args.input_ids, args.data, args.length, args.samples, args.seed)
     write_loss_outputs(result, args.json if args.json not in (None, "-") else None, args.png,
                        f"per-position loss: {pathlib.Path(args.checkpoint).name}")
@@ -164,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="per-position loss PNG")
     p = sub.add_parser("lm-eval-tasks", help="the retrieval prompts as an lm-evaluation-harness task directory")
     p.add_argument("--out", required=True, help="directory for the task YAML and JSON-lines files")
+    p.add_argument("--force", action="store_true", help="replace a previous lm-eval-tasks output (its files only)")
     p.add_argument("--task", choices=("passkey", "niah"), default="passkey")
     p.add_argument("--tokenizer", default="bytes",
                    help="'bytes' or a tokenizer.json (an export's own), as the model reads text")

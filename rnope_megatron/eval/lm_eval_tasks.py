@@ -9,6 +9,10 @@ text and its answer; the harness generates greedily for as many tokens as the an
 greedy continuation starts with the answer" (a model trained only on answers need not
 stop after one, so the generation is cut to the answer's length rather than at a stop
 string).
+
+The directory is written whole or not at all (:func:`rnope_megatron.common.output.staged_output`):
+a non-empty ``--out`` is refused without ``--force``, and ``--force`` replaces only the
+files a previous ``lm-eval-tasks`` wrote (its manifest lists them).
 """
 
 from __future__ import annotations
@@ -18,11 +22,15 @@ import pathlib
 
 from rnope_megatron.eval.tasks import build_grid
 
+TOOL = "rnope-eval lm-eval-tasks"
 
-def write_tasks(out, task: str, lengths, depths, samples: int, seed: int, tokenizer) -> list[str]:
+
+def write_tasks(out, task: str, lengths, depths, samples: int, seed: int, tokenizer, final=None) -> list[str]:
     """Write ``<out>/rnope_<task>_<length>.{jsonl,yaml}`` and the group ``rnope_<task>``;
-    returns the task names."""
+    returns the task names. ``final``: where ``out`` will be moved (the task files name
+    their data files there)."""
     out = pathlib.Path(out)
+    final = pathlib.Path(final or out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     grid = build_grid(task, lengths, depths, samples, seed, tokenizer)
     names = []
@@ -37,7 +45,7 @@ def write_tasks(out, task: str, lengths, depths, samples: int, seed: int, tokeni
         answer_tokens = max(len(case.answer) for case in cases)
         # YAML is a superset of JSON: the task file is written as JSON, no YAML writer needed
         spec = {
-            "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
+            "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(final / data.name)}},
             "test_split": "test", "output_type": "generate_until",
             "doc_to_text": "{{prompt}}", "doc_to_target": "{{answer}}", "target_delimiter": "",
             "generation_kwargs": {"until": [], "max_gen_toks": answer_tokens, "do_sample": False},
@@ -49,4 +57,3 @@ def write_tasks(out, task: str, lengths, depths, samples: int, seed: int, tokeni
              "aggregate_metric_list": [{"metric": "exact_match", "aggregation": "mean", "weight_by_size": True}]}
     (out / f"rnope_{task}.yaml").write_text(json.dumps(group, indent=2) + "\n")
     return names
-

@@ -20,6 +20,7 @@ import torch
 from rnope_megatron.checkpoint.layout import resolve, saved_recipe
 from rnope_megatron.checkpoint.reader import load_model
 from rnope_megatron.common.distributed import ensure_single_process
+from rnope_megatron.common.output import write_text
 from rnope_megatron.common.typed import build_dataclass
 from rnope_megatron.data.dataset import SampleShape, build_dataset
 from rnope_megatron.eval.models import quiet_checkpoint_reading
@@ -155,7 +156,7 @@ def loss_command(checkpoint, input_ids=None, data=None, length=None, samples=8, 
 def write_loss_outputs(result: dict, json_path=None, png=None, title="") -> None:
     """The result as JSON at ``json_path`` and its per-position curve as a PNG."""
     if json_path:
-        pathlib.Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        write_text(json_path, json.dumps(result, indent=2) + "\n", "--json")
     if png:
         bins = result["per_position"]
         # plot each bin at its geometric centre (log-scaled x axis)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 
 from rnope_megatron.common.errors import MissingDependency
+from rnope_megatron.common.output import atomic_file, check_file_target
 
 
 def _pyplot():
@@ -19,10 +20,9 @@ def _pyplot():
 
 
 def _save(fig, path) -> None:
-    path = pathlib.Path(path)
-    if path.parent and not path.parent.is_dir():
-        raise FileNotFoundError(f"--png {path}: folder {path.parent} does not exist")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    check_file_target(path, "--png")
+    with atomic_file(path, "--png") as partial:  # a full disk leaves no cut or empty PNG
+        fig.savefig(partial, dpi=120, bbox_inches="tight", format=pathlib.Path(path).suffix[1:] or "png")
 
 
 def heatmap(rows: list[dict], title: str, path) -> None:

@@ -21,6 +21,40 @@ from rnope_megatron.model.build import run_model
 from rnope_megatron.recipe import recipe_from_dict
 
 
+def available_memory() -> int | None:
+    """Bytes this machine can still give (``MemAvailable``), or None where unknown."""
+    try:
+        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+# Bytes per sample while the batches are built: its int64 tokens (the sample holds
+# seq_length + 1 of them) twice (the dataset's sample, the stacked batch), plus Megatron's
+# per-sample index entries (document, sample and shuffle indices).
+INDEX_BYTES_PER_SAMPLE = 32
+
+
+def check_memory(calib_samples: int, eval_samples: int, seq_length: int, recipe: dict,
+                 available: int | None = None) -> None:
+    """Refuse, before any work, calibration data that cannot fit in memory, naming the field."""
+    available = available_memory() if available is None else available
+    if available is None:
+        return
+    t = recipe.get("train") or {}
+    trained = int(t.get("iters") or 0) * int(t.get("global_batch_size") or 0)  # indexed, then skipped
+    per_sample = 2 * 8 * (seq_length + 1) + INDEX_BYTES_PER_SAMPLE
+    need = (calib_samples + eval_samples) * per_sample + trained * INDEX_BYTES_PER_SAMPLE
+    if need > available:
+        field = "--calib-samples" if calib_samples >= eval_samples else "--eval-samples"
+        value = max(calib_samples, eval_samples)
+        raise ValueError(f"{field} {value}: {calib_samples + eval_samples:,} samples of {seq_length} tokens need "
+                         f"~{need / 2**30:,.1f} GiB, more than the {available / 2**30:,.1f} GiB available")
+
+
 @dataclasses.dataclass
 class Batches:
     """Token batches ([micro_batch, seq] each) for calibration and for the loss check."""

@@ -27,6 +27,9 @@ from rnope_megatron.common.distributed import ensure_single_process
 from rnope_megatron.common.output import check_output, staged_output
 from rnope_megatron.model.config import RNoPEConfig
 from rnope_megatron.quantize import calibration, formats, hf_export
+from rnope_megatron.recipe import recipe_from_dict
+
+TOOL = "rnope-quantize"
 
 
 def _inputs_of(source: pathlib.Path) -> list:
@@ -42,6 +45,9 @@ def quantize(ckpt: str, out: str, format_name: str | None, calib_samples: int = 
     for name, value in (("--calib-samples", calib_samples), ("--eval-samples", eval_samples)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if calib_seq_length is not None and calib_seq_length < 1:  # 0 used to mean "the default" silently
+        raise ValueError(f"--calib-seq-length must be >= 1 (tokens; omit it for the recipe's train.seq_length), "
+                         f"got {calib_seq_length}")
     source = resolve(ckpt)
     common = common_state(source)
     if "recipe" not in common:
@@ -59,13 +65,16 @@ def quantize(ckpt: str, out: str, format_name: str | None, calib_samples: int = 
         fmt = formats.format_named(format_name)
     if fmt is not None:
         formats.check_device(fmt, torch.cuda.is_available())
+
+    seq_length = calib_seq_length or recipe_from_dict(recipe).train.seq_length
+    if seq_length > cfg.max_seq_length:
+        raise ValueError(f"--calib-seq-length {seq_length} exceeds model.max_seq_length={cfg.max_seq_length}")
+    calibration.check_memory(calib_samples, eval_samples, seq_length, recipe)
     adapter = None
     if hf_dir is not None:
         adapter = hf_export.prepare(cfg, arch)  # refuses what the target cannot hold, before any work
-        check_output(hf_dir, _inputs_of(source), force)
-        if pathlib.Path(hf_dir).resolve() == pathlib.Path(out).resolve():
-            raise ValueError("--hf must name another directory than OUT_DIR")
-    check_output(out, _inputs_of(source), force)
+        check_output(hf_dir, _inputs_of(source), force, TOOL, others=[("OUT_DIR", out)], label="--hf")
+    check_output(out, _inputs_of(source), force, TOOL, others=[("--hf", hf_dir)], label="OUT_DIR")
 
     ensure_single_process()
     cfg, model = load_model(source)  # restores the quantizers of an already quantized checkpoint
@@ -121,7 +130,7 @@ def write_checkpoint(model, recipe: dict, report: dict, out, inputs: list, force
     """``out``: ``iter_0000000`` (weights, quantizers, the recipe, the report), ``latest`` and
     ``quantization.json``, staged (whole or not at all)."""
     model._rnope_quantization = report  # saved with the checkpoint; read by the HF export
-    with staged_output(out, inputs, force, {"command": "quantize", "format": report.get("format")}) as stage:
+    with staged_output(out, inputs, force, {"command": "quantize", "format": report.get("format")}, TOOL) as stage:
         save_state({"model": model.sharded_state_dict(), "recipe": recipe, **state.checkpoint_entries([model]),
                     state.QUANTIZATION: report}, stage, 0, keep=1)
         (stage / "quantization.json").write_text(json.dumps(report, indent=1) + "\n")

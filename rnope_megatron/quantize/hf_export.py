@@ -138,7 +138,8 @@ def export(model, cfg, adapter, recipe: dict, hf_dir, inputs: list, force: bool)
     except (OSError, ValueError):
         eod = None
     hf = quantized_hf_model(model, cfg, adapter, fmt_config, eod)
-    with staged_output(hf_dir, inputs, force, {"command": "quantize --hf", "arch": adapter.model_type}) as stage:
+    with staged_output(hf_dir, inputs, force, {"command": "quantize --hf", "arch": adapter.model_type},
+                       "rnope-quantize") as stage:
         # Unquantized tensors (embeddings, norms, the head) keep the model's float32.
         export_hf_checkpoint(hf, export_dir=stage)
         if tokenizer != "bytes" and pathlib.Path(tokenizer).is_file():
