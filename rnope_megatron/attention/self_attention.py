@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from megatron.core.transformer.attention import SelfAttention
 
 from rnope_megatron.attention.rotary import LayerRotaryEmbedding
@@ -16,7 +18,10 @@ class RNoPESelfAttention(SelfAttention):
     Megatron's own rotary path (``apply_rotary_pos_emb``: rotate-half or interleaved per
     ``config.rotary_interleaved``, TE-fused when ``apply_rope_fusion``). NoPE layers pass
     none, so no position signal reaches them; the model has no global rotary at all.
-    Positions are 0..L-1 of each sequence (no packed-sequence position resets yet).
+    Positions are 0..L-1 of each sequence; with THD ``packed_seq_params`` (document
+    masking) they restart at 0 at each document: the table then holds the longest
+    document's positions and Megatron's THD rotary path (``cu_seqlens``) applies it to
+    each document from its first token.
     """
 
     def __init__(self, config, submodules, layer_number, rope_theta: Optional[float] = None, **kwargs):
@@ -44,8 +49,20 @@ class RNoPESelfAttention(SelfAttention):
             if self.config.sequence_parallel:
                 seq *= self.config.tensor_model_parallel_size
             seq *= self.config.context_parallel_size
+            packed = kwargs.get("packed_seq_params")
+            if packed is not None and packed.qkv_format == "thd":
+                # Megatron's THD rotary reads a table shorter than the pack as "positions
+                # restart per document" (a table as long as the pack means absolute
+                # positions), so give it exactly the longest document's length.
+                seq = longest_document(packed.cu_seqlens_q)
             rotary_pos_emb = self.rotary(seq, hidden_states.device, self.pg_collection.cp)
         return super().forward(
             hidden_states, attention_mask, key_value_states, inference_context, rotary_pos_emb,
             *args, **kwargs,
         )
+
+
+def longest_document(cu_seqlens) -> int:
+    """The longest document's length from Megatron's ``cu_seqlens``."""
+    bounds = torch.as_tensor(cu_seqlens)
+    return int((bounds[1:] - bounds[:-1]).max())

@@ -333,3 +333,116 @@ def causal_attention(
     return F.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=scale, enable_gqa=groups > 1
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Document masking
+# ---------------------------------------------------------------------------------------
+
+
+def document_lengths(cu_seqlens: torch.Tensor | list[int], total: int) -> list[int]:
+    """Document lengths from Megatron's ``cu_seqlens`` ([0, e_1, ..., e_n], int), checked to
+    tile ``[0, total)`` exactly: one line naming the field otherwise."""
+    bounds = [int(x) for x in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens)]
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at the sequence length {total}, got "
+            f"{bounds[:4]}{'...' if len(bounds) > 4 else ''}{bounds[-1:] if len(bounds) > 4 else ''}"
+        )
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    if min(lengths) < 1:
+        raise ValueError(f"cu_seqlens must be strictly increasing (empty document), got {bounds}")
+    return lengths
+
+
+def document_ids(cu_seqlens: torch.Tensor | list[int], total: int, device=None) -> torch.Tensor:
+    """Per-token document index [total] (int32) from ``cu_seqlens``."""
+    lengths = torch.tensor(document_lengths(cu_seqlens, total), device=device)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device, dtype=torch.int32), lengths)
+
+
+def document_mask(cu_seqlens, total: int, window: int | None, device=None) -> torch.Tensor:
+    """Dense boolean [L, L] mask, True where query i may attend key j: same document,
+    causal and, with a window, ``i - W < j``. The dense reference and the fallback path."""
+    ids = document_ids(cu_seqlens, total, device)
+    visible = ids[:, None] == ids[None, :]
+    visible &= torch.ones(total, total, dtype=torch.bool, device=device).tril()
+    if window is not None:
+        visible &= sliding_window_mask(total, window, device)
+    return visible
+
+
+def document_mask_mod(ids: torch.Tensor, window: int | None):
+    """FlexAttention mask_mod: same document (``ids`` per token), causal, and within the
+    window on sliding layers (torchtitan composes document and window masks the same way)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        visible = (ids[q_idx] == ids[kv_idx]) & (kv_idx <= q_idx)
+        if window is not None:
+            visible = visible & (kv_idx > q_idx - window)
+        return visible
+
+    return mask_mod
+
+
+def document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens, window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal (``window=None``) or sliding-window attention within documents.
+
+    Key j is visible to query i iff both lie in the same document and ``j <= i`` (and, with
+    a window, ``i - W < j``: the band's lower bound is ``max(i - W + 1, start of i's
+    document)``). Documents come as Megatron's ``cu_seqlens`` ([0, e_1, ..., L]): that is
+    what ``GPTDataset(inter_document_masking=True)`` yields and what THD
+    ``PackedSeqParams`` carry, it is O(documents) rather than O(L), and the CPU path needs
+    the boundaries themselves (it cuts the sequence at them), not per-token ids, which
+    :func:`document_ids` derives where a mask needs them.
+
+    Args:
+        q: [1, Hq, L, D]; k, v: [1, Hkv, L, D]. The batch is one packed sequence, as in
+            Megatron's THD format (pack a batch by concatenating its rows and offsetting
+            their boundaries).
+        cu_seqlens: document boundaries, int tensor or list.
+        window: W keys per query (sliding layer) or None (global causal layer).
+    Returns: [1, Hq, L, D].
+
+    CPU (native kernel and pure-torch path alike) and the dense-free paths run each document
+    as its own sequence through :func:`sliding_window_attention` / :func:`causal_attention`:
+    no key of another document is ever visited, so a global layer costs sum(d_i^2) and a
+    sliding one sum(d_i * min(d_i, W)). ``torch.split``'s backward is one concatenation, so
+    cutting costs no full-length zero buffers. CUDA with FlexAttention: one call with a
+    document-aware block mask (the block mask skips whole off-document tiles). Other
+    devices: SDPA with a dense mask.
+    """
+    if q.shape[0] != 1:
+        raise ValueError(f"document masking takes one packed sequence (batch 1, THD), got batch {q.shape[0]}")
+    seq = q.shape[2]
+    if k.shape[2] != seq:
+        raise ValueError(f"document masking needs keys ({k.shape[2]}) aligned with queries ({seq})")
+    lengths = document_lengths(cu_seqlens, seq)
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+    if len(lengths) == 1:
+        return causal_attention(q, k, v, scale) if window is None else sliding_window_attention(q, k, v, window, scale)
+    groups = q.shape[1] // k.shape[1]
+    if q.device.type == "cpu" or not flex_attention_available(q.device):
+        if q.device.type != "cpu":
+            _warn_dense_fallback(q.device.type)
+            k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+            mask = document_mask(cu_seqlens, seq, window, q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        outs = []
+        for dq, dk, dv in zip(*(x.split(lengths, dim=2) for x in (q, k, v))):
+            if window is None:
+                outs.append(causal_attention(dq, dk, dv, scale))
+            else:
+                outs.append(sliding_window_attention(dq, dk, dv, window, scale))
+        return torch.cat(outs, dim=2)
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    ids = document_ids(cu_seqlens, seq, q.device)
+    mask = create_block_mask(document_mask_mod(ids, window), B=None, H=None, Q_LEN=seq, KV_LEN=seq,
+                             device=str(q.device))
+    return _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=groups > 1)
