@@ -201,3 +201,115 @@ def test_model_masking_changes_the_logits(megatron_single):
     plain = run_model(model, tokens)
     assert torch.allclose(masked[:, :1], plain[:, :1], **TOL)  # the first document sees the same
     assert not torch.allclose(masked[:, 1:], plain[:, 1:], atol=1e-3)
+
+
+# --- te backend: PackedSeqParams plumbing with a TE stand-in -----------------------------
+
+
+class StandInTEDotProductAttention(torch.nn.Module):
+    """What Megatron's ``TEDotProductAttention`` is given, recorded, and answered the way
+    TE's varlen attention answers: attention within each ``cu_seqlens`` document, the
+    window from ``config.window_size`` on the layers ``window_attn_skip_freq`` marks."""
+
+    calls: list = []
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type="self", attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None, **kwargs):
+        from megatron.core.transformer.utils import is_layer_window_attention
+
+        super().__init__()
+        self.config, self.layer_number = config, layer_number
+        sliding = is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number)
+        self.window = config.window_size[0] + 1 if sliding else None  # TE's (W-1, 0) -> HF's W
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type, attention_bias=None,
+                packed_seq_params=None, num_splits=None):
+        self.calls.append(dict(shape=tuple(query.shape), packed=packed_seq_params, mask_type=attn_mask_type))
+        q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))  # THD [t, h, d]
+        out = document_attention(q, k, v, packed_seq_params.cu_seqlens_q, self.window)
+        return out[0].permute(1, 0, 2).reshape(query.shape[0], -1)
+
+
+@pytest.fixture
+def te_stand_in(monkeypatch):
+    """The te spec with the stand-in core attention and Megatron's local linears / our norm
+    (TE's modules are placeholders on CPU)."""
+    from rnope_megatron import specs
+
+    portable = specs._modules("portable")
+    te_modules = dict(portable, core_attention=StandInTEDotProductAttention)
+    monkeypatch.setattr(specs, "_modules", lambda backend: te_modules if backend == "te" else portable)
+    StandInTEDotProductAttention.calls = []
+    return StandInTEDotProductAttention
+
+
+def test_te_gets_thd_packed_seq_params_as_megatron_passes_them(megatron_single, te_stand_in):
+    """On te, TE's attention receives [t, h, d] queries and the pack's THD PackedSeqParams,
+    RoPE restarts per document through Megatron's THD rotary path, and the model equals
+    the portable one with document masking (same weights)."""
+    cfg = tiny_config(pattern="SSSG", window=WINDOW)
+    te_model = build_model(cfg, cfg.to_transformer_config(backend="te"), backend="te")
+    portable_model = build_model(cfg, cfg.to_transformer_config())
+    for model in (te_model, portable_model):
+        fill_from_global(model, seeded_full_tensor(seed=11))
+    tokens = torch.randint(0, cfg.vocab_size, (1, sum(LENGTHS)), generator=torch.Generator().manual_seed(4))
+    documents = [_bounds(LENGTHS)]
+    te_logits = run_model(te_model, tokens, documents=documents)
+    torch.testing.assert_close(te_logits, run_model(portable_model, tokens, documents=documents), **TOL)
+    calls = te_stand_in.calls
+    assert len(calls) == cfg.num_layers
+    heads = cfg.num_attention_heads
+    for call in calls:
+        assert call["shape"] == (sum(LENGTHS), heads, cfg.head_dim)
+        packed = call["packed"]
+        assert packed.qkv_format == "thd"
+        assert packed.cu_seqlens_q.dtype == torch.int32 and packed.cu_seqlens_q.tolist() == documents[0]
+        assert packed.max_seqlen_q == max(LENGTHS)
+
+
+def test_te_refuses_fp8_attention_on_packed_documents(megatron_single, te_stand_in, monkeypatch):
+    from rnope_megatron.errors import UserError
+
+    cfg = tiny_config(pattern="SSSG", window=WINDOW)
+    config = cfg.to_transformer_config(backend="te")
+    model = build_model(cfg, config, backend="te")
+    monkeypatch.setattr(config, "fp8", "hybrid", raising=False)
+    monkeypatch.setattr(config, "fp8_dot_product_attention", True, raising=False)
+    tokens = torch.zeros(1, sum(LENGTHS), dtype=torch.long)
+    with pytest.raises(UserError, match=r"layer 1: fp8_dot_product_attention: .*never THD"):
+        run_model(model, tokens, documents=[_bounds(LENGTHS)])
+
+
+@pytest.mark.parametrize(
+    "setting, refusal",
+    [
+        (dict(sliding=False, fp8_attention=False), None),
+        (dict(sliding=True, fp8_attention=False), None),  # versions unknown: assumed recent
+        (dict(sliding=True, fp8_attention=False, cudnn_version=(9, 5)), "window_size: .*cuDNN >= 9.6"),
+        (dict(sliding=True, fp8_attention=False, cudnn_version=(9, 5), flash_attn_version=(2, 3)), None),
+        (dict(sliding=True, fp8_attention=False, cudnn_version=(9, 8)), None),
+        (dict(sliding=False, fp8_attention=True), "fp8_dot_product_attention"),
+        (dict(sliding=True, fp8_attention=False, cp_size=2, cp_comm_type="p2p"), "cp_comm_type: p2p"),
+        (dict(sliding=True, fp8_attention=False, cp_size=2, cp_comm_type="halo"), "cp_comm_type: halo"),
+        (dict(sliding=True, fp8_attention=False, cp_size=2, cp_comm_type="a2a+p2p"), "cp_comm_type: a2a\\+p2p"),
+        (dict(sliding=True, fp8_attention=False, cp_size=2, cp_comm_type="all_gather", te_version=(2, 17)),
+         "cp_comm_type: all_gather .* 2.18"),
+        (dict(sliding=True, fp8_attention=False, cp_size=2, cp_comm_type="all_gather", te_version=(2, 18)), None),
+        (dict(sliding=True, fp8_attention=False, cp_size=4, cp_comm_type="a2a", heads_per_rank=8,
+              groups_per_rank=2), "cp_comm_type: a2a needs .* query groups \\(2\\)"),
+        (dict(sliding=True, fp8_attention=False, cp_size=2, cp_comm_type="a2a", heads_per_rank=8,
+              groups_per_rank=2), None),
+        (dict(sliding=False, fp8_attention=False, cp_size=2, cp_comm_type="p2p"), None),  # global layers: any
+    ],
+)
+def test_te_thd_refusals(setting, refusal):
+    from rnope_megatron.attention.te_documents import te_thd_refusal
+
+    reason = te_thd_refusal(**setting)
+    if refusal is None:
+        assert reason is None
+    else:
+        assert reason is not None and "\n" not in reason
+        import re
+
+        assert re.search(refusal, reason), reason

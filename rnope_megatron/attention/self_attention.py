@@ -8,7 +8,9 @@ import torch
 
 from megatron.core.transformer.attention import SelfAttention
 
+from rnope_megatron.attention.core import PortableDotProductAttention
 from rnope_megatron.attention.rotary import LayerRotaryEmbedding
+from rnope_megatron.attention.te_documents import check_te_packed_attention
 
 
 class RNoPESelfAttention(SelfAttention):
@@ -31,6 +33,7 @@ class RNoPESelfAttention(SelfAttention):
             if rope_theta is not None
             else None
         )
+        self._packed_checked = False  # te: whether THD documents were checked runnable
 
     def forward(self, hidden_states, attention_mask, key_value_states=None,
                 inference_context=None, rotary_pos_emb=None, *args, **kwargs):
@@ -40,6 +43,11 @@ class RNoPESelfAttention(SelfAttention):
                 "KV-cache inference is not supported by rnope_megatron yet (decoding needs "
                 "per-step rotary position offsets)"
             )
+        packed = kwargs.get("packed_seq_params")
+        if packed is not None and not self._packed_checked:
+            if not isinstance(self.core_attention, PortableDotProductAttention):  # te
+                check_te_packed_attention(self.config, self.layer_number, self.core_attention)
+            self._packed_checked = True
         if self.rotary is None:
             rotary_pos_emb = None
         else:
@@ -49,13 +57,14 @@ class RNoPESelfAttention(SelfAttention):
             if self.config.sequence_parallel:
                 seq *= self.config.tensor_model_parallel_size
             seq *= self.config.context_parallel_size
-            packed = kwargs.get("packed_seq_params")
+            cp_group = self.pg_collection.cp
             if packed is not None and packed.qkv_format == "thd":
                 # Megatron's THD rotary reads a table shorter than the pack as "positions
                 # restart per document" (a table as long as the pack means absolute
-                # positions), so give it exactly the longest document's length.
-                seq = longest_document(packed.cu_seqlens_q)
-            rotary_pos_emb = self.rotary(seq, hidden_states.device, self.pg_collection.cp)
+                # positions), so give it exactly the longest document's length; it cuts
+                # each document's context-parallel share itself (no zig-zag slice here).
+                seq, cp_group = longest_document(packed.cu_seqlens_q), None
+            rotary_pos_emb = self.rotary(seq, hidden_states.device, cp_group)
         return super().forward(
             hidden_states, attention_mask, key_value_states, inference_context, rotary_pos_emb,
             *args, **kwargs,

@@ -58,8 +58,11 @@ class HaloTEDotProductAttention(te_ext.TEDotProductAttention if _te_available() 
                 packed_seq_params=None, num_splits=None):
         from rnope_megatron.attention.context_parallel import with_halos
 
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("halo attention: no packed sequences / attention bias")
+        if packed_seq_params is not None:
+            raise NotImplementedError("cp_comm_type: halo (te) does not take packed documents (THD); "
+                                      "use a2a or all_gather for the sliding layers")
+        if attention_bias is not None:
+            raise NotImplementedError("halo attention: no attention bias")
         zz, extended = with_halos(key, value, self.window, self.halo_group)
         c, dim = zz.chunk, key.shape[-1]
         outputs = []
