@@ -11,7 +11,8 @@ import logging
 
 import torch
 
-from rnope_megatron.attention.sliding_window import document_ids, document_lengths
+from rnope_megatron.attention.self_attention import document_positions  # noqa: F401  (re-exported)
+from rnope_megatron.attention.sliding_window import document_lengths
 from rnope_megatron.config import RNoPEConfig
 from rnope_megatron.specs import block_spec
 
@@ -122,13 +123,6 @@ def pack_documents(documents, batch: int, seq: int, device=None):
     longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                            max_seqlen_q=longest, max_seqlen_kv=longest)
-
-
-def document_positions(cu_seqlens, total: int) -> torch.Tensor:
-    """Position ids restarting at 0 at each document ([total], int64)."""
-    ids = document_ids(cu_seqlens, total).long()
-    starts = torch.as_tensor(cu_seqlens).long()[:-1]
-    return torch.arange(total) - starts[ids]
 
 
 def crossing_predictions(cu_seqlens, total: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ from megatron.core.transformer.attention import SelfAttention
 
 from rnope_megatron.attention.core import PortableDotProductAttention
 from rnope_megatron.attention.rotary import LayerRotaryEmbedding
+from rnope_megatron.attention.sliding_window import document_ids
 from rnope_megatron.attention.te_documents import check_te_packed_attention
 
 
@@ -21,9 +22,8 @@ class RNoPESelfAttention(SelfAttention):
     ``config.rotary_interleaved``, TE-fused when ``apply_rope_fusion``). NoPE layers pass
     none, so no position signal reaches them; the model has no global rotary at all.
     Positions are 0..L-1 of each sequence; with THD ``packed_seq_params`` (document
-    masking) they restart at 0 at each document: the table then holds the longest
-    document's positions and Megatron's THD rotary path (``cu_seqlens``) applies it to
-    each document from its first token.
+    masking) they restart at 0 at each document (:meth:`_packed_rotary`), applied by
+    Megatron's THD rotary path (``cu_seqlens``).
     """
 
     def __init__(self, config, submodules, layer_number, rope_theta: Optional[float] = None, **kwargs):
@@ -34,6 +34,20 @@ class RNoPESelfAttention(SelfAttention):
             else None
         )
         self._packed_checked = False  # te: whether THD documents were checked runnable
+
+    def _packed_rotary(self, packed, device):
+        """RoPE frequencies for a THD pack whose positions restart at each document, in the
+        form Megatron's THD rotary path reads them. Unfused: one row per token of the pack
+        (the positions within its document), which Megatron takes as the pack's own
+        positions and applies in one call (it cuts each document's context-parallel share
+        itself). Fused (TE's THD kernel indexes by the position within each document): the
+        table of the longest document's positions."""
+        longest = longest_document(packed.cu_seqlens_q)
+        table = self.rotary(longest, device)
+        if self.config.apply_rope_fusion:
+            return table
+        positions = document_positions(packed.cu_seqlens_q, int(packed.cu_seqlens_q[-1])).to(device)
+        return table[positions]
 
     def forward(self, hidden_states, attention_mask, key_value_states=None,
                 inference_context=None, rotary_pos_emb=None, *args, **kwargs):
@@ -59,12 +73,9 @@ class RNoPESelfAttention(SelfAttention):
             seq *= self.config.context_parallel_size
             cp_group = self.pg_collection.cp
             if packed is not None and packed.qkv_format == "thd":
-                # Megatron's THD rotary reads a table shorter than the pack as "positions
-                # restart per document" (a table as long as the pack means absolute
-                # positions), so give it exactly the longest document's length; it cuts
-                # each document's context-parallel share itself (no zig-zag slice here).
-                seq, cp_group = longest_document(packed.cu_seqlens_q), None
-            rotary_pos_emb = self.rotary(seq, hidden_states.device, cp_group)
+                rotary_pos_emb = self._packed_rotary(packed, hidden_states.device)
+            else:
+                rotary_pos_emb = self.rotary(seq, hidden_states.device, cp_group)
         return super().forward(
             hidden_states, attention_mask, key_value_states, inference_context, rotary_pos_emb,
             *args, **kwargs,
@@ -75,3 +86,9 @@ def longest_document(cu_seqlens) -> int:
     """The longest document's length from Megatron's ``cu_seqlens``."""
     bounds = torch.as_tensor(cu_seqlens)
     return int((bounds[1:] - bounds[:-1]).max())
+
+
+def document_positions(cu_seqlens, total: int) -> torch.Tensor:
+    """Position ids restarting at 0 at each document ([total], int64)."""
+    starts = torch.as_tensor(cu_seqlens).long()[:-1].cpu()
+    return torch.arange(total) - starts[document_ids(cu_seqlens, total).long()]
