@@ -162,7 +162,8 @@ def _reference_attention(seq, window, heads, dim):
 def test_what_each_layer_kind_sends(letter):
     """S: the halo exchange sends the same bytes at L=256 and L=1024 (O(W·D): at most the
     W-1 rows before each of a rank's two chunks, K and V); G: the all-gather's share grows
-    with L. Both give the one-process output and gradients."""
+    with L (gathered in the forward and again in the backward; the K/V gradients are reduced
+to their owners, [2c] rows each). Both give the one-process output and gradients."""
     window, heads, dim = 24, 2, 8
     sent = {}
     for seq in (256, 1024):
@@ -184,4 +185,8 @@ def test_what_each_layer_kind_sends(letter):
     else:
         for short, long in zip(sent[256], sent[1024]):
             assert short["p2p"] == long["p2p"] == 0
-            assert long["all_gather"] == 4 * short["all_gather"] == 1024 // 2 * row_bytes
+            # the rank's K/V, gathered in the forward and again in the backward (not kept)
+            assert long["all_gather"] == 4 * short["all_gather"] == 2 * (1024 // 2) * row_bytes
+            # the K/V gradient of the other rank's rows, reduced straight to it: [2c] rows,
+            # never a whole-sequence buffer
+            assert long["reduce"] == 4 * short["reduce"] == 1024 // 2 * row_bytes
