@@ -15,6 +15,8 @@ float64 tolerances: 1e-12 on the native kernel; 1e-6 where torch's CPU flash ker
 """
 
 import functools
+import pathlib
+import sys
 import unittest.mock
 
 import pytest
@@ -162,7 +164,8 @@ def _reference_attention(seq, window, heads, dim):
 def test_what_each_layer_kind_sends(letter):
     """S: the halo exchange sends the same bytes at L=256 and L=1024 (O(W·D): at most the
     W-1 rows before each of a rank's two chunks, K and V); G: the all-gather's share grows
-    with L. Both give the one-process output and gradients."""
+    with L (gathered in the forward and again in the backward; the K/V gradients are reduced
+to their owners, [2c] rows each). Both give the one-process output and gradients."""
     window, heads, dim = 24, 2, 8
     sent = {}
     for seq in (256, 1024):
@@ -184,4 +187,52 @@ def test_what_each_layer_kind_sends(letter):
     else:
         for short, long in zip(sent[256], sent[1024]):
             assert short["p2p"] == long["p2p"] == 0
-            assert long["all_gather"] == 4 * short["all_gather"] == 1024 // 2 * row_bytes
+            # the rank's K/V, gathered in the forward and again in the backward (not kept)
+            assert long["all_gather"] == 4 * short["all_gather"] == 2 * (1024 // 2) * row_bytes
+            # the K/V gradient of the other rank's rows, reduced straight to it: [2c] rows,
+            # never a whole-sequence buffer
+            assert long["reduce"] == 4 * short["reduce"] == 1024 // 2 * row_bytes
+
+
+# ------------------------------------------------------------ memory per rank, whole model
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import context_parallel as cp_benchmark  # noqa: E402
+
+# Long enough that the layers' activations make the peak (weights ~0.3 MB, logits ~1.5 MB,
+# activations ~180 MB at CP=1), chunks of 1024 tokens > W: every halo comes from one
+# neighbour.
+MEMORY_SEQ, MEMORY_WINDOW = 4096, 256
+
+
+@functools.cache
+def _peaks() -> dict:
+    """{CP: every rank's result} of one whole-model forward+backward (benchmarks/context_parallel.py)."""
+    kwargs = cp_benchmark.model_shape(MEMORY_SEQ, MEMORY_WINDOW)
+    return {cp: run_distributed(cp_benchmark.model_peak, cp, kwargs, MEMORY_SEQ) for cp in (1, 2)}
+
+
+def test_whole_model_peak_per_rank_shrinks_with_context_parallelism():
+    """Every CP=2 rank's allocator peak (profiler allocation events, not RSS) is at most
+    1.25 x (CP=1 peak / 2) + one global layer's gathered K/V; the loss is the one-process
+    loss. Before the memory work this ratio was ~1.3 (copies around the all-gather and
+    the reduce, the gathered K/V kept for the backward)."""
+    peaks = _peaks()
+    single = peaks[1][0]["peak"]
+    gathered = cp_benchmark.gathered_kv_bytes(cp_benchmark.model_shape(MEMORY_SEQ, MEMORY_WINDOW), MEMORY_SEQ)
+    bound = 1.25 * single / 2 + gathered
+    for rank, result in enumerate(peaks[2]):
+        print(f"rank {rank}: {result['peak'] / 2**20:.1f} MB; CP=1 {single / 2**20:.1f} MB; bound {bound / 2**20:.1f} MB")
+        assert result["peak"] <= bound, (rank, result["peak"], single, gathered)
+        assert result["loss"] == pytest.approx(peaks[1][0]["loss"], abs=1e-5)
+
+
+def test_planned_cp_memory_matches_the_measured_peak():
+    """rnope-plan's activations + transient + logits + gradients against the same
+    measured peaks, CP=1 and CP=2, within the memory model's 8 %."""
+    kwargs = cp_benchmark.model_shape(MEMORY_SEQ, MEMORY_WINDOW)
+    for cp, results in _peaks().items():
+        measured = max(r["peak"] for r in results)
+        error = cp_benchmark.plan_estimate(kwargs, MEMORY_SEQ, cp) / measured - 1
+        print(f"CP={cp}: plan {error:+.1%} of the measured {measured / 2**20:.1f} MB")
+        assert abs(error) <= 0.08, (cp, error)

@@ -127,8 +127,8 @@ def context_parallel_traffic(rank, world_size, port, seq, window, heads, dim, le
     from megatron.core import parallel_state
 
     group = parallel_state.get_context_parallel_group()
-    sent = {"p2p": 0, "all_gather": 0}
-    real_batch, real_gather = dist.batch_isend_irecv, dist.all_gather
+    sent = {"p2p": 0, "all_gather": 0, "reduce": 0}
+    real_batch, real_gather, real_reduce = dist.batch_isend_irecv, dist.all_gather, dist.reduce
 
     def counting_batch(ops):
         sent["p2p"] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
@@ -138,7 +138,12 @@ def context_parallel_traffic(rank, world_size, port, seq, window, heads, dim, le
         sent["all_gather"] += tensor.numel() * tensor.element_size()
         return real_gather(outputs, tensor, *args, **kwargs)
 
-    dist.batch_isend_irecv, dist.all_gather = counting_batch, counting_gather
+    def counting_reduce(tensor, dst, *args, **kwargs):
+        if dst != dist.get_rank():  # what a non-root rank sends toward the root
+            sent["reduce"] += tensor.numel() * tensor.element_size()
+        return real_reduce(tensor, dst, *args, **kwargs)
+
+    dist.batch_isend_irecv, dist.all_gather, dist.reduce = counting_batch, counting_gather, counting_reduce
     try:
         g = torch.Generator().manual_seed(3)
         q, k, v = (torch.randn(seq, 1, heads, dim, generator=g, dtype=torch.float64) for _ in range(3))
@@ -148,7 +153,7 @@ def context_parallel_traffic(rank, world_size, port, seq, window, heads, dim, le
         out = context_parallel.context_parallel_attention(*local, window if letter == "S" else None, 0.25, group)
         out.backward(_on_this_cp_rank(grad_out.transpose(0, 1), group).transpose(0, 1))
     finally:
-        dist.batch_isend_irecv, dist.all_gather = real_batch, real_gather
+        dist.batch_isend_irecv, dist.all_gather, dist.reduce = real_batch, real_gather, real_reduce
     whole = [_whole_sequence(x.transpose(0, 1), group) for x in (out.detach(), *(t.grad for t in local))]
     return {"sent": sent, "out": whole[0], "grads": whole[1:]}
 
