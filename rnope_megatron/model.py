@@ -87,15 +87,22 @@ def run_model(model, tokens: torch.Tensor, labels: torch.Tensor | None = None, d
     with its padding stripped). The rows are then packed into one THD sequence, as
     Megatron-LM does, and passed as ``PackedSeqParams``: a token attends only to earlier
     tokens of its own document and RoPE positions restart at each document. The output has
-    the same [B, L, ...] shape as without. The loss is not masked here: the prediction
+    the same [B, L, ...] shape as without. Under context parallelism ``tokens`` are this
+    rank's zig-zag chunks of ONE sequence (batch 1) and ``documents`` that whole
+    sequence's boundaries. The loss is not masked here: the prediction
     crossing a boundary (a document's last token predicting the next one's first) is the
     caller's to drop (:func:`crossing_predictions`)."""
     if documents is None:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         return model(tokens, positions, None, labels=labels)
     batch, seq = tokens.shape
-    packed = pack_documents(documents, batch, seq, tokens.device)
-    positions = document_positions(packed.cu_seqlens_q, batch * seq).to(tokens.device)[None]
+    cp = model.config.context_parallel_size
+    if cp > 1 and batch != 1:
+        raise ValueError(f"documents: under context parallelism one packed sequence per micro-batch "
+                         f"(batch 1), got batch {batch}")
+    # under CP, tokens are this rank's zig-zag chunks and the boundaries the whole sequence's
+    packed = pack_documents(documents, batch, seq * cp, tokens.device)
+    positions = torch.arange(batch * seq, device=tokens.device)[None]  # unused: RoPE is per layer
     flat_labels = None if labels is None else labels.reshape(1, batch * seq)
     out = model(tokens.reshape(1, batch * seq), positions, None, labels=flat_labels,
                 packed_seq_params=packed)

@@ -236,3 +236,79 @@ def test_planned_cp_memory_matches_the_measured_peak():
         error = cp_benchmark.plan_estimate(kwargs, MEMORY_SEQ, cp) / measured - 1
         print(f"CP={cp}: plan {error:+.1%} of the measured {measured / 2**20:.1f} MB")
         assert abs(error) <= 0.08, (cp, error)
+
+
+# ------------------------------------------------------------ document masking under CP
+
+# 80 tokens, W = 8: chunks of 20 (CP=2) and 10 (CP=4). Documents cross chunk boundaries,
+# are shorter than a chunk (3, 1, 2) and longer than the window (14, 20, 30); tokens 40
+# and 70 start both a chunk and a document (no halo there).
+DOC_IDS = torch.randint(0, 96, (1, 80), generator=torch.Generator().manual_seed(2))
+DOCUMENTS = [[0, 3, 4, 18, 38, 40, 70, 80]]
+
+
+@functools.cache
+def _single_documents(model_items):
+    return forward_backward(0, 1, free_port(), {}, dict(model_items), DOC_IDS, DOCUMENTS)
+
+
+@pytest.mark.parametrize("layout, model_kwargs", [
+    ({"context": 2}, {"pattern": "SSSG", "window": 8}),
+    ({"context": 4}, {"pattern": "SGRS", "window": 8, "num_query_groups": 1}),
+    ({"context": 2, "tensor": 2}, {"pattern": "SSSG", "window": 8}),
+], ids=["cp2", "cp4-SGR", "cp2-tp2"])
+def test_context_parallel_documents_match_one_process(megatron_single, layout, model_kwargs):
+    """Document masking under CP (sequence-level zig-zag, document-trimmed halos, per-
+    document masking after the gather) equals CP=1 with document masking: loss, logits,
+    every gradient (CP=1 with documents equals the documents run one at a time:
+    tests/test_document_mask.py)."""
+    reference = _single_documents(tuple(sorted(model_kwargs.items())))
+    plain = forward_backward(0, 1, free_port(), {}, model_kwargs, DOC_IDS)
+    assert not torch.allclose(plain["logits"], reference["logits"], atol=1e-3)  # masking matters here
+    world = layout.get("context", 1) * layout.get("tensor", 1)
+    results = run_distributed(forward_backward, world, layout, model_kwargs, DOC_IDS, DOCUMENTS)
+    for result in results:
+        torch.testing.assert_close(result["loss"], reference["loss"], **TOL)
+        torch.testing.assert_close(result["logits"], reference["logits"], **TOL)
+    ours, ref = assemble(results), assemble([reference])
+    for key in ref:
+        torch.testing.assert_close(ours[key], ref[key], **TOL, msg=key)
+
+
+def test_a_document_boundary_removes_a_halo():
+    """CP=2, chunks of 20, W=24, documents [0, 15), [15, 40), [40, 80). Without masking
+    each chunk takes the 23 rows before it. With it: chunk 1 (20..39) only rows 15..19
+    (its document starts at 15), chunk 2 (40..59) starts a document and takes none, chunk
+    3 (60..79) rows 40..59. Bytes are counted on the wire (the halo forward and its
+    gradient back): fewer than without masking on every rank, and exactly these rows.
+    Output and gradients equal the dense float64 reference with the document mask."""
+    from rnope_megatron.attention.sliding_window import document_mask
+
+    seq, window, heads, dim = 80, 24, 2, 8
+    documents = [0, 15, 40, 80]
+    assert halo_sources(1, 20, window, tuple(documents)) == [(0, 15, 20)]
+    assert halo_sources(2, 20, window, tuple(documents)) == []
+    assert halo_sources(3, 20, window, tuple(documents)) == [(2, 0, 20)]
+    masked = run_distributed(context_parallel_traffic, 2, seq, window, heads, dim, "S", documents)
+    plain = run_distributed(context_parallel_traffic, 2, seq, window, heads, dim, "S")
+    row_bytes = heads * 2 * dim * 8  # K and V rows of float64
+    # rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2. Without masking rank 0 sends
+    # 20 rows to chunk 1 and 3 to chunk 2, rank 1 20 + 3 rows to chunk 3; the gradients
+    # come back the same way: 46 rows each.
+    assert [r["sent"]["p2p"] for r in plain] == [46 * row_bytes] * 2
+    # With it: rank 0 sends 5 rows (15..19) and 20 gradient rows back; rank 1 20 rows and
+    # 5 gradient rows.
+    assert [r["sent"]["p2p"] for r in masked] == [25 * row_bytes] * 2
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(seq, 1, heads, dim, generator=g, dtype=torch.float64) for _ in range(3))
+    grad_out = torch.randn(seq, 1, heads, dim, generator=g, dtype=torch.float64)
+    inputs = [x.permute(1, 2, 0, 3).clone().requires_grad_() for x in (q, k, v)]
+    mask = document_mask(documents, seq, window)
+    scores = (inputs[0] @ inputs[1].transpose(-1, -2) * 0.25).masked_fill(~mask, float("-inf"))
+    out = torch.softmax(scores, -1) @ inputs[2]
+    grads = torch.autograd.grad(out, inputs, grad_out.permute(1, 2, 0, 3))
+    as_tokens = lambda x: x.permute(0, 2, 1, 3)  # noqa: E731
+    for result in masked:
+        torch.testing.assert_close(result["out"], as_tokens(out.detach()), atol=1e-12, rtol=0)
+        for ours, theirs in zip(result["grads"], grads):
+            torch.testing.assert_close(ours, as_tokens(theirs), atol=1e-12, rtol=0)

@@ -44,7 +44,7 @@ def _whole_sequence(local, cp_group):
     return torch.cat(chunks, dim=1)
 
 
-def forward_backward(rank, world_size, port, layout_kwargs, model_kwargs, ids):
+def forward_backward(rank, world_size, port, layout_kwargs, model_kwargs, ids, documents=None):
     """Loss, full-vocab logits and global gradients for one batch, under ``layout``.
 
     Pipeline stages hand activations over with plain send/recv (the real pipeline
@@ -53,7 +53,8 @@ def forward_backward(rank, world_size, port, layout_kwargs, model_kwargs, ids):
     finalize_model_grads does. Under context parallelism each rank takes its chunks with
     Megatron's get_batch_on_this_cp_rank, its loss is its tokens' share of the mean, and
     the replicated weights' gradients are summed over the CP group (as Megatron's DDP does
-    over data x context parallel ranks)."""
+    over data x context parallel ranks). ``documents``: one ``cu_seqlens`` per row of
+    ``ids`` (document masking, through ``run_model``)."""
     from megatron.core import parallel_state, tensor_parallel
 
     layout = ParallelLayout(**layout_kwargs)
@@ -79,6 +80,8 @@ def forward_backward(rank, world_size, port, layout_kwargs, model_kwargs, ids):
         dist.recv(hidden.data, src=ranks[pp_rank - 1], group=pp_group)
         model.set_input_tensor(hidden)
     result = {}
+    if documents is not None:
+        model = _with_documents(model, documents)
     if last:
         losses = model(ids, pos, None, labels=labels)
         loss = losses.sum() / total_tokens  # this rank's share of the mean over all tokens
@@ -111,11 +114,23 @@ def forward_backward(rank, world_size, port, layout_kwargs, model_kwargs, ids):
         for param in model.parameters():
             if param.grad is not None:
                 dist.all_reduce(param.grad, group=cp_group)
-    result["grads"] = global_grads(model)
+    result["grads"] = global_grads(getattr(model, "unwrapped", model))
     return result
 
 
-def context_parallel_traffic(rank, world_size, port, seq, window, heads, dim, letter):
+def _with_documents(model, documents):
+    """``model(ids, pos, mask, labels=...)`` as :func:`run_model` with ``documents``."""
+    from rnope_megatron.model import run_model
+
+    def call(ids, pos, mask, labels=None):
+        return run_model(model, ids, labels, documents=documents)
+
+    call.parameters, call.named_parameters = model.parameters, model.named_parameters
+    call.unwrapped = model
+    return call
+
+
+def context_parallel_traffic(rank, world_size, port, seq, window, heads, dim, letter, documents=None):
     """Bytes this rank sends (point-to-point and all-gather contributions) for one
     sliding (``letter`` S) or global (G) layer's attention, forward + backward, at CP =
     world_size; and the output/gradients gathered back to token order, for comparison
@@ -150,7 +165,8 @@ def context_parallel_traffic(rank, world_size, port, seq, window, heads, dim, le
         grad_out = torch.randn(seq, 1, heads, dim, generator=g, dtype=torch.float64)
         local = [_on_this_cp_rank(x.transpose(0, 1), group).transpose(0, 1).clone().requires_grad_()
                  for x in (q, k, v)]
-        out = context_parallel.context_parallel_attention(*local, window if letter == "S" else None, 0.25, group)
+        out = context_parallel.context_parallel_attention(*local, window if letter == "S" else None, 0.25, group,
+                                                          documents=documents)
         out.backward(_on_this_cp_rank(grad_out.transpose(0, 1), group).transpose(0, 1))
     finally:
         dist.batch_isend_irecv, dist.all_gather, dist.reduce = real_batch, real_gather, real_reduce

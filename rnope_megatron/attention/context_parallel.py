@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from rnope_megatron.attention.sliding_window import (
-    _cpu_flash, _cpu_flash_backward, causal_attention, sliding_window_attention,
+    _cpu_flash, _cpu_flash_backward, causal_attention, document_attention, sliding_window_attention,
 )
 
 
@@ -78,19 +78,29 @@ def zigzag_of(group, local_length: int) -> ZigZag:
     return ZigZag(size=size, rank=dist.get_rank(group), chunk=local_length // 2)
 
 
-def halo_sources(chunk: int, chunk_len: int, window: int) -> list[tuple[int, int, int]]:
+def document_start(bounds: tuple[int, ...] | None, position: int) -> int:
+    """Start of the document holding ``position`` (0 without documents)."""
+    if not bounds:
+        return 0
+    return max(b for b in bounds if b <= position)
+
+
+def halo_sources(chunk: int, chunk_len: int, window: int, bounds: tuple[int, ...] | None = None
+                 ) -> list[tuple[int, int, int]]:
     """(source chunk, first row, end row) of every piece of ``chunk``'s halo, in token
-    order: the W−1 tokens before its first one (fewer at the sequence start)."""
+    order: the W−1 tokens before its first one (fewer at the sequence start), and with
+    documents (``bounds``: the whole sequence's ``cu_seqlens``) none before the start of
+    the first token's document: a chunk that starts a document gets no halo."""
     start = chunk * chunk_len
-    need_from = max(0, start - (window - 1))
+    need_from = max(0, start - (window - 1), document_start(bounds, start))
     return [(source, max(need_from - source * chunk_len, 0), chunk_len)
             for source in range(need_from // chunk_len, chunk)]
 
 
-def _transfers(zz: ZigZag, window: int) -> list[tuple[int, int, int, int]]:
+def _transfers(zz: ZigZag, window: int, bounds=None) -> list[tuple[int, int, int, int]]:
     """Every halo piece of every chunk, in one global order: (source, dest, rows)."""
     return [(source, dest, r0, r1) for dest in range(2 * zz.size)
-            for source, r0, r1 in halo_sources(dest, zz.chunk, window)]
+            for source, r0, r1 in halo_sources(dest, zz.chunk, window, bounds)]
 
 
 def _chunk_rows(local: torch.Tensor, zz: ZigZag, chunk: int) -> torch.Tensor:
@@ -119,10 +129,10 @@ class HaloExchange(torch.autograd.Function):
     kernel saves what it needs of the outputs)."""
 
     @staticmethod
-    def forward(ctx, key, value, zz: ZigZag, window: int, group):
-        ctx.zz, ctx.window, ctx.group = zz, window, group
+    def forward(ctx, key, value, zz: ZigZag, window: int, group, bounds=None):
+        ctx.zz, ctx.window, ctx.group, ctx.bounds = zz, window, group, bounds
         c, dim = zz.chunk, key.shape[-1]
-        transfers = _transfers(zz, window)
+        transfers = _transfers(zz, window, bounds)
         halo = _halo_rows(zz, transfers)
         extended = []
         for slot, dest in enumerate(zz.local_chunks):
@@ -171,7 +181,7 @@ class HaloExchange(torch.autograd.Function):
 
         taken = {dest: 0 for dest in zz.local_chunks}
         ops, received = [], []
-        for index, (source, dest, r0, r1) in enumerate(_transfers(zz, window)):
+        for index, (source, dest, r0, r1) in enumerate(_transfers(zz, window, ctx.bounds)):
             src_rank, dst_rank = zz.owner(source), zz.owner(dest)
             if dst_rank == zz.rank:  # the gradient of this piece of my halo goes to its owner
                 piece = grads[zz.local_chunks.index(dest)][taken[dest]:taken[dest] + r1 - r0]
@@ -187,7 +197,7 @@ class HaloExchange(torch.autograd.Function):
         _run(ops)
         for source, r0, r1, buffer in received:  # a fixed order: the sums do not depend on timing
             add_to_own(source, r0, r1, buffer)
-        return grad_key, grad_value, None, None, None
+        return grad_key, grad_value, None, None, None, None
 
 
 def gather_kv(key, value, zz: ZigZag, group) -> torch.Tensor:
@@ -335,37 +345,66 @@ def _bhsd(x: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 2, 0, 3)
 
 
-def sliding_context_attention(query, key, value, window: int, scale: float, group) -> torch.Tensor:
-    """A sliding layer under CP: the halo exchange, then the local kernel per chunk."""
+def sliding_context_attention(query, key, value, window: int, scale: float, group, bounds=None) -> torch.Tensor:
+    """A sliding layer under CP: the halo exchange, then the local kernel per chunk (with
+    documents, ``bounds``: halos stop at the chunk's document start and the kernel masks
+    per document)."""
     zz = zigzag_of(group, key.shape[0])
     dim, c = key.shape[-1], zz.chunk
     outputs = []
-    for slot, keys in enumerate(HaloExchange.apply(key, value, zz, window, group)):
+    for slot, keys in enumerate(HaloExchange.apply(key, value, zz, window, group, bounds)):
         q = _bhsd(query[slot * c:(slot + 1) * c])
-        out = sliding_window_attention(q, _bhsd(keys[..., :dim]), _bhsd(keys[..., dim:]), window, scale)
+        k, v = _bhsd(keys[..., :dim]), _bhsd(keys[..., dim:])
+        if bounds is None:
+            out = sliding_window_attention(q, k, v, window, scale)
+        else:
+            out = _per_batch_row(q, k, v, bounds, window, scale, zz.local_chunks[slot] * c)
         outputs.append(out.permute(2, 0, 1, 3))
     return torch.cat(outputs)
 
 
-def global_context_attention(query, key, value, scale: float, group) -> torch.Tensor:
-    """A global layer under CP: every earlier chunk's K/V gathered into one buffer."""
+def _per_batch_row(q, k, v, bounds, window, scale, q_start):
+    """:func:`document_attention` over a [b, h, s, d] block (the boundaries are the same
+    sequence's for every row: a THD pack has batch 1)."""
+    return torch.cat([document_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], bounds, window, scale, q_start)
+                      for i in range(q.shape[0])])
+
+
+def global_context_attention(query, key, value, scale: float, group, bounds=None) -> torch.Tensor:
+    """A global layer under CP: every earlier chunk's K/V gathered into one buffer (with
+    documents, ``bounds``: each chunk keeps only the rows from its first token's document
+    start and attends per document)."""
     zz = zigzag_of(group, query.shape[0])
-    if query.device.type == "cpu":
+    if query.device.type == "cpu" and bounds is None:
         return GatheredCausalAttention.apply(query, key, value, zz, scale, group)
     dim, c = key.shape[-1], zz.chunk
     full = GatherSequence.apply(torch.cat([key, value], dim=-1), zz, group)
     outputs = []
     for slot, chunk in enumerate(zz.local_chunks):
-        keys = full[:(chunk + 1) * c]
-        out = causal_attention(_bhsd(query[slot * c:(slot + 1) * c]), _bhsd(keys[..., :dim]),
-                               _bhsd(keys[..., dim:]), scale)
+        if bounds is None:
+            keys = full[:(chunk + 1) * c]
+            out = causal_attention(_bhsd(query[slot * c:(slot + 1) * c]), _bhsd(keys[..., :dim]),
+                                   _bhsd(keys[..., dim:]), scale)
+        else:
+            first = document_start(bounds, chunk * c)
+            # a copy of the rows the chunk's documents reach, so the gathered sequence is
+            # not kept alive by the kernels' saved views
+            keys = full[first:(chunk + 1) * c].clone()
+            out = _per_batch_row(_bhsd(query[slot * c:(slot + 1) * c]), _bhsd(keys[..., :dim]),
+                                 _bhsd(keys[..., dim:]), bounds, None, scale, chunk * c)
         outputs.append(out.permute(2, 0, 1, 3))
+    del full
     return torch.cat(outputs)
 
 
-def context_parallel_attention(query, key, value, window: int | None, scale: float, group) -> torch.Tensor:
+def context_parallel_attention(query, key, value, window: int | None, scale: float, group,
+                               documents=None) -> torch.Tensor:
     """Attention of this rank's two chunks. query [2c, b, hq, d], key/value [2c, b, hkv, d]
-    (RoPE already applied with global positions) -> [2c, b, hq, d]."""
+    (RoPE already applied with global positions) -> [2c, b, hq, d]. ``documents``: the
+    whole sequence's ``cu_seqlens`` (document masking; the sequence-level zig-zag layout
+    stays as without documents)."""
+    bounds = None if documents is None else tuple(
+        int(x) for x in (documents.tolist() if torch.is_tensor(documents) else documents))
     if window is not None:
-        return sliding_context_attention(query, key, value, window, scale, group)
-    return global_context_attention(query, key, value, scale, group)
+        return sliding_context_attention(query, key, value, window, scale, group, bounds)
+    return global_context_attention(query, key, value, scale, group, bounds)

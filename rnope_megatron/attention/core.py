@@ -13,7 +13,16 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from rnope_megatron.attention.sliding_window import causal_attention, document_attention, sliding_window_attention
+from rnope_megatron.attention.sliding_window import (
+    causal_attention, document_attention, document_lengths, sliding_window_attention,
+)
+
+
+ZIGZAG_THD = "thd_sequence_zigzag"
+"""``qkv_format`` our self-attention gives a THD pack under context parallelism on the
+portable backend: the tokens stay in the sequence-level zig-zag layout [2c, b, h, d] (RoPE
+already applied per document by :class:`~rnope_megatron.attention.self_attention.RNoPESelfAttention`),
+so Megatron's THD paths, which assume a per-document split, leave them alone."""
 
 
 class PortableDotProductAttention(MegatronModule):
@@ -86,14 +95,22 @@ class PortableDotProductAttention(MegatronModule):
         """Document-masked attention of one THD pack: [t, h, d] in (Megatron squeezes the
         dummy batch for ``qkv_format='thd'``), [t, h·d] out."""
         cu_seqlens = packed_cu_seqlens(packed_seq_params)
+        if packed_seq_params.qkv_format == ZIGZAG_THD:
+            if self.cp_group is None:
+                raise ValueError(f"packed_seq_params.qkv_format {ZIGZAG_THD!r} is for context parallelism only")
+            from rnope_megatron.attention.context_parallel import context_parallel_attention
+
+            seq, batch, heads, dim = query.shape
+            out = context_parallel_attention(query, key, value, self.window, self.softmax_scale, self.cp_group,
+                                             documents=cu_seqlens)
+            return out.reshape(seq, batch, heads * dim)
         if self.cp_group is not None:
-            raise NotImplementedError(
-                "packed_seq_params: document masking with context parallelism is not supported "
-                "by the portable backend yet (set context_parallel_size=1)"
-            )
+            raise ValueError("packed_seq_params.qkv_format: under context parallelism the portable backend "
+                             "takes packs through RNoPESelfAttention (sequence-level zig-zag)")
         if query.dim() == 4:  # [t, 1, h, d]: a caller that kept the dummy batch
             query, key, value = (x.squeeze(1) for x in (query, key, value))
         tokens, heads, dim = query.shape
+        document_lengths(cu_seqlens, tokens)  # the boundaries tile the pack
         q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))  # [1, h, t, d]
         out = document_attention(q, k, v, cu_seqlens, self.window, self.softmax_scale)
         return out[0].permute(1, 0, 2).reshape(tokens, heads * dim)
@@ -111,7 +128,7 @@ def packed_cu_seqlens(packed_seq_params):
     THD format, the same boundaries for queries and keys, no padding between documents.
     Anything else is refused in one line naming the field."""
     fmt = packed_seq_params.qkv_format
-    if fmt != "thd":
+    if fmt not in ("thd", ZIGZAG_THD):
         raise ValueError(f"packed_seq_params.qkv_format must be 'thd' for document masking, got {fmt!r}")
     q, kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
     if q is None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
 from megatron.core.transformer.attention import SelfAttention
 
-from rnope_megatron.attention.core import PortableDotProductAttention
+from rnope_megatron.attention.core import ZIGZAG_THD, PortableDotProductAttention
 from rnope_megatron.attention.rotary import LayerRotaryEmbedding
 from rnope_megatron.attention.sliding_window import document_ids
 from rnope_megatron.attention.te_documents import check_te_packed_attention
@@ -35,19 +36,27 @@ class RNoPESelfAttention(SelfAttention):
         )
         self._packed_checked = False  # te: whether THD documents were checked runnable
 
-    def _packed_rotary(self, packed, device):
+    def _packed_rotary(self, packed, device, zigzag_group=None):
         """RoPE frequencies for a THD pack whose positions restart at each document, in the
         form Megatron's THD rotary path reads them. Unfused: one row per token of the pack
         (the positions within its document), which Megatron takes as the pack's own
         positions and applies in one call (it cuts each document's context-parallel share
         itself). Fused (TE's THD kernel indexes by the position within each document): the
-        table of the longest document's positions."""
+        table of the longest document's positions. ``zigzag_group`` (portable backend under
+        CP): the rows of this rank's zig-zag chunks of the sequence, applied as plain
+        [s, b] positions."""
         longest = longest_document(packed.cu_seqlens_q)
         table = self.rotary(longest, device)
-        if self.config.apply_rope_fusion:
+        if self.config.apply_rope_fusion and zigzag_group is None:
             return table
-        positions = document_positions(packed.cu_seqlens_q, int(packed.cu_seqlens_q[-1])).to(device)
-        return table[positions]
+        total = int(packed.cu_seqlens_q[-1])
+        positions = document_positions(packed.cu_seqlens_q, total)
+        if zigzag_group is not None:
+            from rnope_megatron.attention.context_parallel import ZigZag
+
+            size = zigzag_group.size()
+            positions = positions[ZigZag(size, zigzag_group.rank(), total // (2 * size)).local_positions()]
+        return table[positions.to(device)]
 
     def forward(self, hidden_states, attention_mask, key_value_states=None,
                 inference_context=None, rotary_pos_emb=None, *args, **kwargs):
@@ -58,6 +67,10 @@ class RNoPESelfAttention(SelfAttention):
                 "per-step rotary position offsets)"
             )
         packed = kwargs.get("packed_seq_params")
+        zigzag = (packed is not None and packed.qkv_format == "thd" and self.config.context_parallel_size > 1
+                  and isinstance(self.core_attention, PortableDotProductAttention))
+        if zigzag:  # portable CP keeps the sequence-level zig-zag: Megatron's THD paths must not apply
+            kwargs["packed_seq_params"] = dataclasses.replace(packed, qkv_format=ZIGZAG_THD)
         if packed is not None and not self._packed_checked:
             if not isinstance(self.core_attention, PortableDotProductAttention):  # te
                 check_te_packed_attention(self.config, self.layer_number, self.core_attention)
@@ -73,7 +86,7 @@ class RNoPESelfAttention(SelfAttention):
             seq *= self.config.context_parallel_size
             cp_group = self.pg_collection.cp
             if packed is not None and packed.qkv_format == "thd":
-                rotary_pos_emb = self._packed_rotary(packed, hidden_states.device)
+                rotary_pos_emb = self._packed_rotary(packed, hidden_states.device, cp_group if zigzag else None)
             else:
                 rotary_pos_emb = self.rotary(seq, hidden_states.device, cp_group)
         return super().forward(
