@@ -76,7 +76,7 @@ def measure(args) -> dict:
 def table(row: dict) -> str:
     lines = [
         f"document masking, whole model fwd+bwd: L={row['seq_len']}, documents of {row['doc_len']}, "
-        f"W={row['window']}, pattern {row['pattern']}, CPU kernel {row['kernel']}",
+        f"W={row['window']}, pattern {row['pattern']}, CPU kernel {row['kernel']}, {row['threads']} thread(s)",
         f"{'no mask ms':>11} {'masked ms':>10} {'measured':>9} {'FLOP model':>11} {'fraction':>9}",
         f"{row['plain_ms']:11.0f} {row['masked_ms']:10.0f} {row['measured_speedup']:8.2f}x "
         f"{row['flop_speedup']:10.2f}x {row['fraction_of_flop_speedup']:9.2f}",
@@ -112,12 +112,19 @@ def main(argv=None) -> None:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default). On a machine shared with other jobs, 1 "
+                             "keeps the per-operation thread hand-offs, which the masked run has more of, "
+                             "from being timed as work")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--png", help="also write a bar plot here")
     args = parser.parse_args(argv)
     if args.doc_len < 1 or args.seq_len < 1:
         parser.error("--seq-len and --doc-len must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     row = measure(args)
+    row["threads"] = torch.get_num_threads()
     print(json.dumps(row) if args.json else table(row))
     if args.png:
         plot(row, args.png)

@@ -313,3 +313,44 @@ def test_te_thd_refusals(setting, refusal):
         import re
 
         assert re.search(refusal, reason), reason
+
+
+# --- FLOP model and benchmark -----------------------------------------------------------
+
+
+def test_pack_flops_count_the_key_visits_of_the_document_mask():
+    """pack_forward_flops' attention term is 4·q FLOPs per visible (query, key) pair of
+    the dense document mask, summed over layers; its linear term is the unmasked one."""
+    from rnope_megatron.flops import forward_flops_breakdown, pack_forward_flops
+
+    cfg = tiny_config(pattern="SSSG", window=WINDOW)
+    total = sum(LENGTHS)
+    q = cfg.num_attention_heads * cfg.head_dim
+    visits = {w: int(document_mask(_bounds(LENGTHS), total, w).sum()) for w in (WINDOW, None)}
+    attention = 4 * q * (3 * visits[WINDOW] + visits[None])
+    parts = forward_flops_breakdown(cfg, total)
+    linear = total * (sum(parts.values()) - parts["attention_sliding"] - parts["attention_global"])
+    assert pack_forward_flops(cfg, LENGTHS) == pytest.approx(linear + attention, rel=1e-12)
+    assert pack_forward_flops(cfg, [total]) == pytest.approx(total * sum(parts.values()), rel=1e-12)
+
+
+def test_document_mask_benchmark_json(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/document_mask.py", "--seq-len", "256", "--doc-len", "64", "--window", "16",
+         "--repeats", "1", "--threads", "1", "--json", "--png", str(tmp_path / "plot.png")],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    sys.path.insert(0, str(root / "benchmarks"))
+    import document_mask as benchmark
+
+    assert set(benchmark.ROW_KEYS) <= set(row)
+    assert row["measured_speedup"] == pytest.approx(row["plain_ms"] / row["masked_ms"], rel=1e-9)
+    assert row["flop_speedup"] > 1 and (tmp_path / "plot.png").stat().st_size > 0

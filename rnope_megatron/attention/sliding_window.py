@@ -462,6 +462,8 @@ def document_attention(
                 k_lengths.append(ks - kv_start)
             q_lengths.append(qe - qs)
             k_lengths.append(qe - ks)
+        # GQA: repeat K/V once for the whole pack, not once per document (one backward sum)
+        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
         q_parts = q.split(q_lengths, dim=2)
         k_parts, v_parts = (x.split(k_lengths, dim=2)[1:] for x in (k, v))
         outs = []
