@@ -352,6 +352,12 @@ def global_context_attention(query, key, value, scale: float, group) -> torch.Te
     zz = zigzag_of(group, query.shape[0])
     if query.device.type == "cpu":
         return GatheredCausalAttention.apply(query, key, value, zz, scale, group)
+    return sequence_causal_attention(query, key, value, zz, scale, group)
+
+
+def sequence_causal_attention(query, key, value, zz: ZigZag, scale: float, group) -> torch.Tensor:
+    """Other devices: the gathered K/V in token order, each chunk against its prefix by
+    :func:`causal_attention` (its kernels take the keys whole; the prefix is kept)."""
     dim, c = key.shape[-1], zz.chunk
     full = GatherSequence.apply(torch.cat([key, value], dim=-1), zz, group)
     outputs = []
