@@ -4,7 +4,8 @@ layer's attention, forward + backward, at CP = 1, 2, 4.
 Each configuration runs in CP fresh processes (gloo on CPU, NCCL on GPUs) holding
 Megatron's load-balanced chunks of one [1, H, L, D] sequence; CP = 1 is the plain kernel.
 Per row: the slowest rank's time (median of --repeats after a warm-up), the largest
-per-rank peak-memory growth of the first call (peak RSS on CPU, max allocated on CUDA), and
+per-rank peak-memory growth of the first call (the allocator's peak from the profiler's
+allocation events on CPU, max allocated on CUDA), and
 the bytes one rank sends per fwd+bwd — counted on every collective call: point-to-point
 halo messages as sent; an all-gather as (CP−1) x the rank's share, an all-reduce and a
 reduce-scatter as ring algorithms move them (2(CP−1)/CP and (CP−1)/CP of the tensor), a
@@ -22,18 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
 import time
 
 ROW_KEYS = ("layer", "seq_len", "window", "cp", "ms", "peak_mb", "sent_mb_per_rank", "device")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _count_traffic(dist, sent: dict) -> None:
@@ -114,13 +109,16 @@ def _rank(rank: int, spec: dict, port: int, out_dir: str) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_mb()
-    step()  # the first call: its high-water mark is this configuration's peak
-    if device.type == "cuda":
+        step()  # the first call: its high-water mark is this configuration's peak
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+        from torch.profiler import ProfilerActivity, profile
+
+        from rnope_megatron.plan.measured import allocator_peak
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+            step()
+        peak = allocator_peak(profiler) / 2**20
     if cp > 1:
         _count_traffic(dist, sent)
     times = []

@@ -28,6 +28,7 @@ from rnope_megatron.attention.rotary import frequency_table, zigzag_rows
 from rnope_megatron.attention.sliding_window import causal_attention, sliding_window_attention
 from tests.support import dense_attention, free_port, run_distributed
 from tests.test_distributed import assemble
+from tests import workers
 from tests.workers import context_parallel_traffic, forward_backward
 
 TOL = dict(atol=1e-5, rtol=0)
@@ -312,3 +313,11 @@ def test_a_document_boundary_removes_a_halo():
         torch.testing.assert_close(result["out"], as_tokens(out.detach()), atol=1e-12, rtol=0)
         for ours, theirs in zip(result["grads"], grads):
             torch.testing.assert_close(ours, as_tokens(theirs), atol=1e-12, rtol=0)
+
+
+def test_the_gathered_sequence_path_of_other_devices_agrees_with_the_blockwise_one():
+    """CUDA runs global layers through the gathered sequence in token order; on CPU
+    both paths run, on CP=2 ranks of a GQA layer (float64: the flash kernel's exp)."""
+    for blockwise, sequence in run_distributed(workers.global_paths, 2, 48, 4, 2, 8):
+        for ours, theirs in zip(blockwise, sequence):
+            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)

@@ -220,3 +220,26 @@ def save_failing_on_rank0(rank, world_size, port, directory):
     except layout.CheckpointError as err:
         return str(err)
     return None
+
+
+def global_paths(rank, world_size, port, seq, heads, groups, dim):
+    """A global layer under CP both ways on this rank's chunks: the CPU blockwise path
+    and the gathered-sequence path other devices take (run here on CPU); outputs and
+    gradients of q, k, v for one random output gradient, each path's in turn."""
+    from rnope_megatron.attention import context_parallel as cp
+
+    init_megatron(rank, world_size, port, ParallelLayout(context=world_size))
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_context_parallel_group()
+    zz = cp.zigzag_of(group, seq // world_size)
+    g = torch.Generator().manual_seed(5)
+    full = [torch.randn(seq, 1, h, dim, generator=g, dtype=torch.float64) for h in (heads, groups, groups, heads)]
+    local = [x[zz.local_positions()] for x in full]
+    results = []
+    for path in (lambda q, k, v: cp.global_context_attention(q, k, v, 0.3, group),
+                 lambda q, k, v: cp.sequence_causal_attention(q, k, v, zz, 0.3, group)):
+        inputs = [x.clone().requires_grad_() for x in local[:3]]
+        out = path(*inputs)
+        results.append([out.detach(), *torch.autograd.grad(out, inputs, local[3])])
+    return results

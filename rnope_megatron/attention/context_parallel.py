@@ -377,6 +377,14 @@ def global_context_attention(query, key, value, scale: float, group, bounds=None
     zz = zigzag_of(group, query.shape[0])
     if query.device.type == "cpu" and bounds is None:
         return GatheredCausalAttention.apply(query, key, value, zz, scale, group)
+    return sequence_causal_attention(query, key, value, zz, scale, group, bounds)
+
+
+def sequence_causal_attention(query, key, value, zz: ZigZag, scale: float, group, bounds=None) -> torch.Tensor:
+    """Other devices, and documents anywhere: the gathered K/V in token order, each chunk
+    against its prefix by :func:`causal_attention` (its kernels take the keys whole; the
+    prefix is kept), or, with documents (``bounds``), against a copy of the rows from its
+    first token's document start, masked per document."""
     dim, c = key.shape[-1], zz.chunk
     full = GatherSequence.apply(torch.cat([key, value], dim=-1), zz, group)
     outputs = []
