@@ -11,7 +11,8 @@ from tests.support import free_port, init_megatron
 TIER_OF_FILE = {
     "unit": ("test_pattern", "test_config", "test_specs", "test_compat", "test_structure", "test_fp8_policy",
              "test_gpu_kit", "test_te_path", "test_docs"),
-    "numeric": ("test_sliding_window", "test_native_cpu", "test_model_oracle", "test_flops_and_data"),
+    "numeric": ("test_sliding_window", "test_native_cpu", "test_model_oracle", "test_flops_and_data",
+                "test_document_mask"),
     "distributed": ("test_distributed", "test_context_parallel", "test_checkpoint_layout"),
     "cli": ("test_train", "test_recipe", "test_crash_safety", "test_cli", "test_convert_output", "test_convert",
             "test_eval", "test_plan", "test_plan_memory", "test_slurm_kit", "test_benchmarks", "test_recipe_catalog",

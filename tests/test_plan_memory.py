@@ -14,29 +14,12 @@ import pathlib
 import pytest
 import torch
 
+from rnope_megatron.plan.measured import allocator_peak
 from rnope_megatron.plan.memory import Setup, layer_params, stage_memory, stage_params
 from rnope_megatron.recipe import load_recipe
 from tests.trainer import RECIPE
 
 TOLERANCE = 0.08
-
-
-def _allocator_peak(profiler) -> int:
-    """Largest net bytes allocated at any point of the profiled region."""
-    from torch._C._profiler import _EventType
-
-    events = []
-    stack = list(profiler.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-        stack.extend(node.children)
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak
 
 
 def _live_state_bytes(engine) -> int:
@@ -80,7 +63,7 @@ def measure(tmp_path, overrides):
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
             engine.train_step(dataset, 1)
         params = sum(p.numel() for chunk in engine.model for p in chunk.parameters())
-        return recipe, _live_state_bytes(engine) + _allocator_peak(profiler), params
+        return recipe, _live_state_bytes(engine) + allocator_peak(profiler), params
     finally:
         initialize_parallel(ParallelLayout())  # the session's layout again (TP=PP=CP=1)
         torch.set_num_threads(threads)

@@ -44,7 +44,7 @@ def _whole_sequence(local, cp_group):
     return torch.cat(chunks, dim=1)
 
 
-def forward_backward(rank, world_size, port, layout_kwargs, model_kwargs, ids):
+def forward_backward(rank, world_size, port, layout_kwargs, model_kwargs, ids, documents=None):
     """Loss, full-vocab logits and global gradients for one batch, under ``layout``.
 
     Pipeline stages hand activations over with plain send/recv (the real pipeline
@@ -53,7 +53,8 @@ def forward_backward(rank, world_size, port, layout_kwargs, model_kwargs, ids):
     finalize_model_grads does. Under context parallelism each rank takes its chunks with
     Megatron's get_batch_on_this_cp_rank, its loss is its tokens' share of the mean, and
     the replicated weights' gradients are summed over the CP group (as Megatron's DDP does
-    over data x context parallel ranks)."""
+    over data x context parallel ranks). ``documents``: one ``cu_seqlens`` per row of
+    ``ids`` (document masking, through ``run_model``)."""
     from megatron.core import parallel_state, tensor_parallel
 
     layout = ParallelLayout(**layout_kwargs)
@@ -79,6 +80,8 @@ def forward_backward(rank, world_size, port, layout_kwargs, model_kwargs, ids):
         dist.recv(hidden.data, src=ranks[pp_rank - 1], group=pp_group)
         model.set_input_tensor(hidden)
     result = {}
+    if documents is not None:
+        model = _with_documents(model, documents)
     if last:
         losses = model(ids, pos, None, labels=labels)
         loss = losses.sum() / total_tokens  # this rank's share of the mean over all tokens
@@ -111,11 +114,23 @@ def forward_backward(rank, world_size, port, layout_kwargs, model_kwargs, ids):
         for param in model.parameters():
             if param.grad is not None:
                 dist.all_reduce(param.grad, group=cp_group)
-    result["grads"] = global_grads(model)
+    result["grads"] = global_grads(getattr(model, "unwrapped", model))
     return result
 
 
-def context_parallel_traffic(rank, world_size, port, seq, window, heads, dim, letter):
+def _with_documents(model, documents):
+    """``model(ids, pos, mask, labels=...)`` as :func:`run_model` with ``documents``."""
+    from rnope_megatron.model.build import run_model
+
+    def call(ids, pos, mask, labels=None):
+        return run_model(model, ids, labels, documents=documents)
+
+    call.parameters, call.named_parameters = model.parameters, model.named_parameters
+    call.unwrapped = model
+    return call
+
+
+def context_parallel_traffic(rank, world_size, port, seq, window, heads, dim, letter, documents=None):
     """Bytes this rank sends (point-to-point and all-gather contributions) for one
     sliding (``letter`` S) or global (G) layer's attention, forward + backward, at CP =
     world_size; and the output/gradients gathered back to token order, for comparison
@@ -127,8 +142,8 @@ def context_parallel_traffic(rank, world_size, port, seq, window, heads, dim, le
     from megatron.core import parallel_state
 
     group = parallel_state.get_context_parallel_group()
-    sent = {"p2p": 0, "all_gather": 0}
-    real_batch, real_gather = dist.batch_isend_irecv, dist.all_gather
+    sent = {"p2p": 0, "all_gather": 0, "reduce": 0}
+    real_batch, real_gather, real_reduce = dist.batch_isend_irecv, dist.all_gather, dist.reduce
 
     def counting_batch(ops):
         sent["p2p"] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
@@ -138,17 +153,23 @@ def context_parallel_traffic(rank, world_size, port, seq, window, heads, dim, le
         sent["all_gather"] += tensor.numel() * tensor.element_size()
         return real_gather(outputs, tensor, *args, **kwargs)
 
-    dist.batch_isend_irecv, dist.all_gather = counting_batch, counting_gather
+    def counting_reduce(tensor, dst, *args, **kwargs):
+        if dst != dist.get_rank():  # what a non-root rank sends toward the root
+            sent["reduce"] += tensor.numel() * tensor.element_size()
+        return real_reduce(tensor, dst, *args, **kwargs)
+
+    dist.batch_isend_irecv, dist.all_gather, dist.reduce = counting_batch, counting_gather, counting_reduce
     try:
         g = torch.Generator().manual_seed(3)
         q, k, v = (torch.randn(seq, 1, heads, dim, generator=g, dtype=torch.float64) for _ in range(3))
         grad_out = torch.randn(seq, 1, heads, dim, generator=g, dtype=torch.float64)
         local = [_on_this_cp_rank(x.transpose(0, 1), group).transpose(0, 1).clone().requires_grad_()
                  for x in (q, k, v)]
-        out = context_parallel.context_parallel_attention(*local, window if letter == "S" else None, 0.25, group)
+        out = context_parallel.context_parallel_attention(*local, window if letter == "S" else None, 0.25, group,
+                                                          documents=documents)
         out.backward(_on_this_cp_rank(grad_out.transpose(0, 1), group).transpose(0, 1))
     finally:
-        dist.batch_isend_irecv, dist.all_gather = real_batch, real_gather
+        dist.batch_isend_irecv, dist.all_gather, dist.reduce = real_batch, real_gather, real_reduce
     whole = [_whole_sequence(x.transpose(0, 1), group) for x in (out.detach(), *(t.grad for t in local))]
     return {"sent": sent, "out": whole[0], "grads": whole[1:]}
 
@@ -199,3 +220,26 @@ def save_failing_on_rank0(rank, world_size, port, directory):
     except layout.CheckpointError as err:
         return str(err)
     return None
+
+
+def global_paths(rank, world_size, port, seq, heads, groups, dim):
+    """A global layer under CP both ways on this rank's chunks: the CPU blockwise path
+    and the gathered-sequence path other devices take (run here on CPU); outputs and
+    gradients of q, k, v for one random output gradient, each path's in turn."""
+    from rnope_megatron.attention import context_parallel as cp
+
+    init_megatron(rank, world_size, port, ParallelLayout(context=world_size))
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_context_parallel_group()
+    zz = cp.zigzag_of(group, seq // world_size)
+    g = torch.Generator().manual_seed(5)
+    full = [torch.randn(seq, 1, h, dim, generator=g, dtype=torch.float64) for h in (heads, groups, groups, heads)]
+    local = [x[zz.local_positions()] for x in full]
+    results = []
+    for path in (lambda q, k, v: cp.global_context_attention(q, k, v, 0.3, group),
+                 lambda q, k, v: cp.sequence_causal_attention(q, k, v, zz, 0.3, group)):
+        inputs = [x.clone().requires_grad_() for x in local[:3]]
+        out = path(*inputs)
+        results.append([out.detach(), *torch.autograd.grad(out, inputs, local[3])])
+    return results

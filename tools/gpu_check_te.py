@@ -13,6 +13,10 @@ reports "TE not installed" as a failed row without it. Not run yet: no lent GPU 
 4. The backend TE chose per layer in an FP8 ``global_only`` run
    (``NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2``: TE logs "Selected backend" once per layer per
    forward, as S and G layers alternate).
+5. Document masking: ``te`` (THD ``PackedSeqParams``, TE's varlen attention with the
+   window) vs ``portable`` (FlexAttention with a document-aware block mask) on one packed
+   sequence with documents of 1, < W, = W and > W tokens, logits and gradients
+   (:func:`check_te_document_mask`).
 
 :data:`RUNS` lists every ``rnope-train`` run these checks make, with its expected outcome:
 ``gpu_check.py --dry-run`` validates them on CPU against :data:`DRY_RUN_GPU`.
@@ -215,7 +219,48 @@ def check_backend_per_layer(results):
                     float(len(selected)), proc.returncode == 0 and len(selected) >= len(layers)))
 
 
-CHECKS = [check_te_vs_portable, check_te_trainer, check_fp8_attention_refusal, check_backend_per_layer]
+def check_te_document_mask(results):
+    """te vs portable with document masking on the same weights (bf16): one packed
+    sequence of 1024 tokens, documents of 1, 100, 128 (= W), 300 and 495 tokens."""
+    import torch
+
+    from rnope_megatron import ParallelLayout, RNoPEConfig
+    from rnope_megatron.common.distributed import initialize_parallel, shutdown_parallel
+    from rnope_megatron.model.build import run_model
+
+    documents = [[0, 1, 101, 229, 529, 1024]]
+    initialize_parallel(ParallelLayout())
+    try:
+        if not te_installed():
+            raise RuntimeError("TE not installed")
+        cfg = RNoPEConfig(num_layers=4, hidden_size=512, num_attention_heads=8, num_query_groups=2,
+                          vocab_size=1024, max_seq_length=1024, window=128)
+        models = _model_pair(cfg)
+        ids = torch.randint(0, 1024, (1, 1024), generator=torch.Generator().manual_seed(0)).cuda()
+        logits = {}
+        for backend, model in models.items():
+            out = run_model(model, ids, documents=documents)
+            out.float().pow(2).mean().backward()
+            logits[backend] = out.float()
+        plain = run_model(models["portable"], ids).float()
+        scale = logits["portable"].abs().max().item()
+        err = (logits["te"] - logits["portable"]).abs().max().item() / scale
+        masked_differs = (plain[:, 1:] - logits["portable"][:, 1:]).abs().max().item() / scale
+        grads = {b: dict(m.named_parameters()) for b, m in models.items()}
+        common = [n for n in grads["te"] if n in grads["portable"] and grads["te"][n].grad is not None]
+        grad_err = max(((grads["te"][n].grad.float() - grads["portable"][n].grad.float()).abs().max()
+                        / grads["portable"][n].grad.float().abs().max().clamp(min=1e-12)).item() for n in common)
+        results.append(("document mask: te vs portable logits, rel.", err, err < 3e-2))
+        results.append((f"document mask: te vs portable grads, {len(common)} params, rel.", grad_err, grad_err < 1e-1))
+        results.append(("document mask changes the logits (vs no mask), rel.", masked_differs, masked_differs > 1e-2))
+    except Exception as exc:  # noqa: BLE001  (the check reports)
+        results.append((f"document mask te vs portable: {type(exc).__name__}: {exc}"[:120], float("nan"), False))
+    finally:
+        shutdown_parallel()
+
+
+CHECKS = [check_te_vs_portable, check_te_trainer, check_fp8_attention_refusal, check_backend_per_layer,
+          check_te_document_mask]
 
 
 def dry_run(runs=RUNS, gpu: str = DRY_RUN_GPU) -> bool:

@@ -8,11 +8,23 @@ from __future__ import annotations
 
 import math
 
+import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from rnope_megatron.attention.context_parallel import context_parallel_attention, context_parallel_group
-from rnope_megatron.attention.sliding_window import causal_attention, sliding_window_attention
+from rnope_megatron.attention.sliding_window import (
+    causal_attention,
+    document_attention,
+    document_lengths,
+    sliding_window_attention,
+)
+
+ZIGZAG_THD = "thd_sequence_zigzag"
+"""``qkv_format`` our self-attention gives a THD pack under context parallelism on the
+portable backend: the tokens stay in the sequence-level zig-zag layout [2c, b, h, d] (RoPE
+already applied per document by :class:`~rnope_megatron.attention.self_attention.RNoPESelfAttention`),
+so Megatron's THD paths, which assume a per-document split, leave them alone."""
 
 
 class PortableDotProductAttention(MegatronModule):
@@ -55,8 +67,8 @@ class PortableDotProductAttention(MegatronModule):
         self, query, key, value, attention_mask=None, attn_mask_type=None,
         attention_bias=None, packed_seq_params=None, **_unused,
     ):
-        if attention_bias is not None or packed_seq_params is not None:
-            raise NotImplementedError("portable attention: no attention_bias / packed sequences")
+        if attention_bias is not None:
+            raise NotImplementedError("portable attention: no attention_bias")
         if attention_mask is not None:
             # Causality (and the window) are built in; silently dropping a padding mask
             # would give wrong results, so refuse it.
@@ -64,6 +76,8 @@ class PortableDotProductAttention(MegatronModule):
                 "portable attention is causal by construction: pass attention_mask=None "
                 "(padding masks are not supported)"
             )
+        if packed_seq_params is not None:
+            return self._packed_forward(query, key, value, packed_seq_params)
         seq, batch, heads, dim = query.shape
         if self.cp_group is not None:
             out = context_parallel_attention(query, key, value, self.window, self.softmax_scale, self.cp_group)
@@ -75,9 +89,58 @@ class PortableDotProductAttention(MegatronModule):
             out = sliding_window_attention(q, k, v, self.window, self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * dim)
 
+    def _packed_forward(self, query, key, value, packed_seq_params):
+        """Document-masked attention of one THD pack: [t, h, d] in (Megatron squeezes the
+        dummy batch for ``qkv_format='thd'``), [t, h·d] out."""
+        cu_seqlens = packed_cu_seqlens(packed_seq_params)
+        if packed_seq_params.qkv_format == ZIGZAG_THD:
+            if self.cp_group is None:
+                raise ValueError(f"packed_seq_params.qkv_format {ZIGZAG_THD!r} is for context parallelism only")
+
+            seq, batch, heads, dim = query.shape
+            out = context_parallel_attention(query, key, value, self.window, self.softmax_scale, self.cp_group,
+                                             documents=cu_seqlens)
+            return out.reshape(seq, batch, heads * dim)
+        if self.cp_group is not None:
+            raise ValueError("packed_seq_params.qkv_format: under context parallelism the portable backend "
+                             "takes packs through RNoPESelfAttention (sequence-level zig-zag)")
+        if query.dim() == 4:  # [t, 1, h, d]: a caller that kept the dummy batch
+            query, key, value = (x.squeeze(1) for x in (query, key, value))
+        tokens, heads, dim = query.shape
+        document_lengths(cu_seqlens, tokens)  # the boundaries tile the pack
+        q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))  # [1, h, t, d]
+        out = document_attention(q, k, v, cu_seqlens, self.window, self.softmax_scale)
+        return out[0].permute(1, 0, 2).reshape(tokens, heads * dim)
+
     def extra_repr(self) -> str:
         span = f"sliding window {self.window}" if self.window else "global causal"
         cp = ""
         if self.cp_group is not None:
             cp = ", CP: halo exchange" if self.window else ", CP: all-gather of K/V"
         return f"layer {self.layer_number}: {span}{cp}"
+
+
+def packed_cu_seqlens(packed_seq_params):
+    """The document boundaries of Megatron ``PackedSeqParams`` the portable backend can run:
+    THD format, the same boundaries for queries and keys, no padding between documents.
+    Anything else is refused in one line naming the field."""
+    fmt = packed_seq_params.qkv_format
+    if fmt not in ("thd", ZIGZAG_THD):
+        raise ValueError(f"packed_seq_params.qkv_format must be 'thd' for document masking, got {fmt!r}")
+    q, kv = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
+    if q is None:
+        raise ValueError("packed_seq_params.cu_seqlens_q is required (document boundaries)")
+    if kv is not None and not _same(q, kv):
+        raise ValueError("packed_seq_params.cu_seqlens_kv must equal cu_seqlens_q (self-attention)")
+    for name in ("cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+        padded = getattr(packed_seq_params, name)
+        if padded is not None and not _same(q, padded):
+            raise ValueError(
+                f"packed_seq_params.{name}: padding between documents is not supported by the "
+                "portable backend (pack documents back to back)"
+            )
+    return q
+
+
+def _same(a, b) -> bool:
+    return torch.equal(torch.as_tensor(a).cpu().long(), torch.as_tensor(b).cpu().long())

@@ -333,3 +333,149 @@ def causal_attention(
     return F.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=scale, enable_gqa=groups > 1
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Document masking
+# ---------------------------------------------------------------------------------------
+
+
+def document_lengths(cu_seqlens: torch.Tensor | list[int], total: int) -> list[int]:
+    """Document lengths from Megatron's ``cu_seqlens`` ([0, e_1, ..., e_n], int), checked to
+    tile ``[0, total)`` exactly: one line naming the field otherwise."""
+    bounds = [int(x) for x in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens)]
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at the sequence length {total}, got "
+            f"{bounds[:4]}{'...' if len(bounds) > 4 else ''}{bounds[-1:] if len(bounds) > 4 else ''}"
+        )
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    if min(lengths) < 1:
+        raise ValueError(f"cu_seqlens must be strictly increasing (empty document), got {bounds}")
+    return lengths
+
+
+def document_ids(cu_seqlens: torch.Tensor | list[int], total: int, device=None) -> torch.Tensor:
+    """Per-token document index [total] (int32) from ``cu_seqlens``."""
+    lengths = torch.tensor(document_lengths(cu_seqlens, total), device=device)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device, dtype=torch.int32), lengths)
+
+
+def document_mask(cu_seqlens, total: int, window: int | None, device=None, q_start: int = 0,
+                  kv_start: int = 0, q_len: int | None = None) -> torch.Tensor:
+    """Dense boolean [Lq, Lk] mask, True where query i may attend key j: same document,
+    causal and, with a window, ``i - W < j`` (global positions). By default queries and
+    keys are the whole ``[0, total)``; ``q_start``/``q_len`` and ``kv_start`` (keys run
+    to the queries' end) cut a block of it. The dense reference and the fallback path."""
+    ids = document_ids(cu_seqlens, total, device)
+    q_len = total - q_start if q_len is None else q_len
+    qi = torch.arange(q_start, q_start + q_len, device=device)[:, None]
+    kj = torch.arange(kv_start, q_start + q_len, device=device)[None, :]
+    visible = (ids[qi] == ids[kj]) & (kj <= qi)
+    if window is not None:
+        visible &= kj > qi - window
+    return visible
+
+
+def document_mask_mod(ids: torch.Tensor, window: int | None, q_start: int = 0, kv_start: int = 0):
+    """FlexAttention mask_mod: same document (``ids`` per global token), causal, and within
+    the window on sliding layers (torchtitan composes document and window masks the same
+    way). Query index ``q_idx`` is global position ``q_start + q_idx``, key ``kv_idx``
+    position ``kv_start + kv_idx``."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qp, kp = q_idx + q_start, kv_idx + kv_start
+        visible = (ids[qp] == ids[kp]) & (kp <= qp)
+        if window is not None:
+            visible = visible & (kp > qp - window)
+        return visible
+
+    return mask_mod
+
+
+def document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens, window: int | None = None,
+    scale: float | None = None, q_start: int | None = None,
+) -> torch.Tensor:
+    """Causal (``window=None``) or sliding-window attention within documents.
+
+    Key j is visible to query i iff both lie in the same document and ``j <= i`` (and, with
+    a window, ``i - W < j``: the band's lower bound is ``max(i - W + 1, start of i's
+    document)``). Documents come as Megatron's ``cu_seqlens`` ([0, e_1, ..., L]): that is
+    what ``GPTDataset(inter_document_masking=True)`` yields and what THD
+    ``PackedSeqParams`` carry, it is O(documents) rather than O(L), and the CPU path needs
+    the boundaries themselves (it cuts the sequence at them), not per-token ids, which
+    :func:`document_ids` derives where a mask needs them.
+
+    Args:
+        q: [1, Hq, Lq, D]; k, v: [1, Hkv, Lk, D], Lk >= Lq. The batch is one packed
+            sequence, as in Megatron's THD format (pack a batch by concatenating its rows
+            and offsetting their boundaries).
+        cu_seqlens: document boundaries of the whole sequence, int tensor or list.
+        window: W keys per query (sliding layer) or None (global causal layer).
+        q_start: global position of the first query (default ``Lk - Lq``); the keys are
+            positions ``[q_start + Lq - Lk, q_start + Lq)`` (queries aligned to the end of
+            the keys, as for a context-parallel chunk after its halo or gathered keys).
+    Returns: [1, Hq, Lq, D].
+
+    CPU (native kernel and pure-torch path alike): each document's queries run against
+    that document's keys as a sequence of their own through :func:`sliding_window_attention`
+    / :func:`causal_attention`: no key of another document is ever visited, so a global
+    layer costs sum(d_i^2) and a sliding one sum(d_i * min(d_i, W)). ``torch.split``'s
+    backward is one concatenation, so cutting costs no full-length zero buffers. CUDA with
+    FlexAttention: one call with a document-aware block mask (the block mask skips whole
+    off-document tiles). Other devices: SDPA with a dense mask.
+    """
+    if q.shape[0] != 1:
+        raise ValueError(f"document masking takes one packed sequence (batch 1, THD), got batch {q.shape[0]}")
+    q_len, kv_len = q.shape[2], k.shape[2]
+    if kv_len < q_len:
+        raise ValueError(f"keys ({kv_len}) must cover the queries ({q_len})")
+    q_start = kv_len - q_len if q_start is None else q_start
+    kv_start, q_end = q_start + q_len - kv_len, q_start + q_len
+    if kv_start < 0:
+        raise ValueError(f"keys would start at position {kv_start} < 0")
+    bounds = [int(x) for x in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens)]
+    document_lengths(bounds, bounds[-1] if bounds else 0)  # validates
+    if q_end > bounds[-1]:
+        raise ValueError(f"cu_seqlens ends at {bounds[-1]}, before the queries' end {q_end}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+    groups = q.shape[1] // k.shape[1]
+    if q.device.type == "cpu" or not flex_attention_available(q.device):
+        if q.device.type != "cpu":
+            _warn_dense_fallback(q.device.type)
+            k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+            mask = document_mask(bounds, bounds[-1], window, q.device, q_start, kv_start, q_len)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        # Each document meeting the queries: its queries [qs, qe) against its keys
+        # [ks, qe). The key pieces tile [kv_start, q_end) after one unused lead (keys of
+        # an earlier document, e.g. gathered rows before the first query's document).
+        q_lengths, k_lengths = [], []
+        for a, b in zip(bounds, bounds[1:]):
+            qs, qe = max(a, q_start), min(b, q_end)
+            if qs >= qe:
+                continue
+            ks = max(a, kv_start)
+            if not k_lengths:
+                k_lengths.append(ks - kv_start)
+            q_lengths.append(qe - qs)
+            k_lengths.append(qe - ks)
+        # GQA: repeat K/V once for the whole pack, not once per document (one backward sum)
+        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+        q_parts = q.split(q_lengths, dim=2)
+        k_parts, v_parts = (x.split(k_lengths, dim=2)[1:] for x in (k, v))
+        outs = []
+        for dq, dk, dv in zip(q_parts, k_parts, v_parts):
+            if window is None:
+                outs.append(causal_attention(dq, dk, dv, scale))
+            else:
+                outs.append(sliding_window_attention(dq, dk, dv, window, scale))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    ids = document_ids(bounds, bounds[-1], q.device)
+    mask = create_block_mask(document_mask_mod(ids, window, q_start, kv_start), B=None, H=None,
+                             Q_LEN=q_len, KV_LEN=kv_len, device=str(q.device))
+    return _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=groups > 1)

@@ -12,7 +12,7 @@ the keys (``causal_bottom_right``, which TE's fused backends support and which T
 It subclasses Megatron's ``TEDotProductAttention``, so its parameters and ``_extra_state``
 keep the same checkpoint keys. Without Transformer Engine installed, Megatron's TE classes
 are placeholders; then this class can sit in a spec (and be inspected) but refuses to be
-built. Not run on this project's CPU machines: see docs/verified.md.
+built. Not run on this project's CPU machines: see the README's "what ran where".
 """
 
 from __future__ import annotations
@@ -55,8 +55,11 @@ class HaloTEDotProductAttention(te_ext.TEDotProductAttention if _te_available() 
 
     def forward(self, query, key, value, attention_mask, attn_mask_type, attention_bias=None,
                 packed_seq_params=None, num_splits=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("halo attention: no packed sequences / attention bias")
+        if packed_seq_params is not None:
+            raise NotImplementedError("cp_comm_type: halo (te) does not take packed documents (THD); "
+                                      "use a2a or all_gather for the sliding layers")
+        if attention_bias is not None:
+            raise NotImplementedError("halo attention: no attention bias")
         zz, extended = with_halos(key, value, self.window, self.halo_group)
         c, dim = zz.chunk, key.shape[-1]
         outputs = []

@@ -11,6 +11,8 @@ import logging
 
 import torch
 
+from rnope_megatron.attention.self_attention import document_positions  # noqa: F401  (re-exported)
+from rnope_megatron.attention.sliding_window import document_lengths
 from rnope_megatron.model.config import RNoPEConfig
 from rnope_megatron.model.norms import is_norm_bias
 from rnope_megatron.model.specs import block_spec
@@ -76,12 +78,69 @@ def build_model(
     return gpt
 
 
-def run_model(model, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+def run_model(model, tokens: torch.Tensor, labels: torch.Tensor | None = None, documents=None) -> torch.Tensor:
     """A GPTModel forward as training runs it: positions 0..L-1 and no attention mask (the
     causal mask and the window come from the specs). Logits, or the per-token loss when
-    ``labels`` are given. The trainer, evaluation and quantization all call this one."""
-    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    return model(tokens, positions, None, labels=labels)
+    ``labels`` are given. The trainer, evaluation and quantization all call this one.
+
+    ``documents`` (document masking): one ``cu_seqlens`` per row of ``tokens``
+    ([0, e_1, ..., L], what Megatron's ``GPTDataset(inter_document_masking=True)`` returns
+    with its padding stripped). The rows are then packed into one THD sequence, as
+    Megatron-LM does, and passed as ``PackedSeqParams``: a token attends only to earlier
+    tokens of its own document and RoPE positions restart at each document. The output has
+    the same [B, L, ...] shape as without. Under context parallelism ``tokens`` are this
+    rank's zig-zag chunks of ONE sequence (batch 1) and ``documents`` that whole
+    sequence's boundaries. The loss is not masked here: the prediction
+    crossing a boundary (a document's last token predicting the next one's first) is the
+    caller's to drop (:func:`crossing_predictions`)."""
+    if documents is None:
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return model(tokens, positions, None, labels=labels)
+    batch, seq = tokens.shape
+    cp = model.config.context_parallel_size
+    if cp > 1 and batch != 1:
+        raise ValueError(f"documents: under context parallelism one packed sequence per micro-batch "
+                         f"(batch 1), got batch {batch}")
+    # under CP, tokens are this rank's zig-zag chunks and the boundaries the whole sequence's
+    packed = pack_documents(documents, batch, seq * cp, tokens.device)
+    positions = torch.arange(batch * seq, device=tokens.device)[None]  # unused: RoPE is per layer
+    flat_labels = None if labels is None else labels.reshape(1, batch * seq)
+    out = model(tokens.reshape(1, batch * seq), positions, None, labels=flat_labels,
+                packed_seq_params=packed)
+    return out.reshape(batch, seq, *out.shape[2:])
+
+
+def pack_documents(documents, batch: int, seq: int, device=None):
+    """Megatron THD ``PackedSeqParams`` for ``batch`` rows of ``seq`` tokens, each row cut at
+    its own ``cu_seqlens`` (a list of ``batch`` boundary lists/tensors): the rows become one
+    pack whose boundaries are the rows' offset by ``row·seq``. A row whose boundaries do
+    not tile [0, seq] is refused in one line naming it."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    if len(documents) != batch:
+        raise ValueError(f"documents: one cu_seqlens per row expected ({batch}), got {len(documents)}")
+    bounds = [0]
+    for row, cu in enumerate(documents):
+        try:
+            lengths = document_lengths(cu, seq)
+        except ValueError as err:
+            raise ValueError(f"documents[{row}]: {err}") from None
+        for length in lengths:
+            bounds.append(bounds[-1] + length)
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def crossing_predictions(cu_seqlens, total: int) -> torch.Tensor:
+    """Boolean [total]: True at each document's last token except the sequence's last,
+    whose label is the next document's first token (a prediction across documents, which
+    document-masked training does not count)."""
+    crossing = torch.zeros(total, dtype=torch.bool)
+    ends = torch.as_tensor(cu_seqlens).long()[1:-1] - 1
+    crossing[ends] = True
+    return crossing
 
 
 def freeze_norm_biases(model) -> list[str]:

@@ -62,3 +62,18 @@ def training_flops_per_token(model, seq_len: int, exact: bool = True) -> float:
     """Model FLOPs per trained token (forward + backward = 3 x forward); recomputation
     is not model work and is left out (it is hardware work: see rnope_megatron.plan)."""
     return 3 * forward_flops_per_token(model, seq_len, exact)
+
+
+def pack_forward_flops(model, document_lengths: list[int], exact: bool = True) -> float:
+    """Forward FLOPs of one packed sequence whose documents do not see each other
+    (document masking): the linear parts per token of the whole pack, attention per
+    document (each document a sequence of its own, so global layers cost sum(d_i^2) and
+    sliding ones sum(d_i * min(d_i, W)), not L^2 / L*W). ``[L]`` is the unmasked sequence."""
+    total = sum(document_lengths)
+    attention = ("attention_sliding", "attention_global")
+    linear = sum(v for k, v in forward_flops_breakdown(model, total, exact).items() if k not in attention)
+    flops = linear * total
+    for length in document_lengths:
+        parts = forward_flops_breakdown(model, length, exact)
+        flops += (parts["attention_sliding"] + parts["attention_global"]) * length
+    return flops

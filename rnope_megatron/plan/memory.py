@@ -17,7 +17,8 @@ What is counted, and why (bytes per rank; T = micro_batch x seq_length / CP toke
   tensors for both kinds (flash-style kernels on te; the CPU kernels on portable keep q,
   K/V repeated per query head, output and log-sum-exp): neither stores a score matrix.
   The window shows in memory where it bounds what a rank brings in: a sliding layer's
-  halo is 2·(W-1) keys per rank, a global layer's all-gather the whole sequence.
+  halo is 2·(W-1) keys per rank, kept; a global layer's all-gather brings in the whole
+  sequence's K/V for the duration of its forward and of its backward (transient).
 * **recompute**: ``selective`` recomputes core attention (keeps its inputs and output);
   ``full`` keeps each layer's input only and rebuilds one layer at a time.
 * **transient**: one layer's activations (two under full recompute: rebuilt + their
@@ -162,19 +163,20 @@ def layer_activation_bytes(model, kind, setup: Setup) -> dict[str, float]:
         seqs = setup.micro_batch
         if comm == "halo":  # the W-1 keys before each of the rank's two chunks, kept with K/V
             result["context_parallel"] = seqs * 2 * (model.window - 1) * 2 * kv_kept * B / t
-        elif comm == "all_gather" and setup.backend == "portable":  # the gathered sequence's K/V, kept
-            result["context_parallel"] = seqs * (setup.seq_length - setup.seq_length // setup.context) * 2 * kv_kept * B / t
+        # all_gather keeps nothing extra on either backend: the portable one gathers again
+        # in the backward (cp_transient_bytes counts the gathered buffer)
     return result
 
 
 def cp_transient_bytes(model, setup: Setup) -> float:
     """CP buffers a layer fills and frees within its own forward/backward (TE's ring
-    double buffer, TE's all-gather of K/V), the largest over the layer kinds."""
+    double buffer; the all-gather of K/V, which the portable backend gathers again in
+    the backward instead of keeping), the largest over the layer kinds."""
     if setup.context == 1:
         return 0.0
     kv, B, t = model.query_groups * model.head_dim, setup.dtype_bytes, setup.tensor
     seqs, local, full = setup.micro_batch, setup.seq_length // setup.context, setup.seq_length
-    sizes = {"p2p": 2 * local, "all_gather": full if setup.backend == "te" else 0, "a2a": local, "halo": 0}
+    sizes = {"p2p": 2 * local, "all_gather": full, "a2a": local, "halo": 0}
     kinds = {setup.comm_global} | ({setup.comm_sliding} if model.layer_pattern.has_sliding else set())
     return max(seqs * sizes[c] * 2 * kv * B / t for c in kinds)
 
