@@ -9,7 +9,8 @@ allocation events on CPU, max allocated on CUDA), and
 the bytes one rank sends per fwd+bwd — counted on every collective call: point-to-point
 halo messages as sent; an all-gather as (CP−1) x the rank's share, an all-reduce and a
 reduce-scatter as ring algorithms move them (2(CP−1)/CP and (CP−1)/CP of the tensor), a
-reduce to one rank as the tensor once from every other rank.
+reduce to one rank as the tensor once from every other rank, a broadcast (gloo's gather)
+as (CP−1) x the tensor from its root.
 The S layer's bytes stay flat as L grows (the W−1 rows before each chunk); the G layer's
 grow with L. Absolute times on shared machines are noise; with more processes than cores
 the CP rows measure correctness of the cost model, not speed.
@@ -51,6 +52,12 @@ def _count_traffic(dist, sent: dict) -> None:
         sent["bytes"] += (dist.get_world_size(group) - 1) * size_of(tensor)
         return real_into(output, tensor, *args, group=group, **kwargs)
 
+    real_broadcast = dist.broadcast
+
+    def broadcast(tensor, src, *args, group=None, **kwargs):  # the root sends to every other rank
+        sent["bytes"] += (dist.get_world_size(group) - 1) * size_of(tensor) if src == dist.get_rank() else 0
+        return real_broadcast(tensor, src, *args, group=group, **kwargs)
+
     def reduce_to_one(tensor, dst, *args, **kwargs):  # a non-root rank sends its tensor once
         sent["bytes"] += 0 if dst == dist.get_rank() else size_of(tensor)
         return real_to_one(tensor, dst, *args, **kwargs)
@@ -66,7 +73,7 @@ def _count_traffic(dist, sent: dict) -> None:
         return real_scatter(output, tensor, *args, group=group, **kwargs)
 
     dist.batch_isend_irecv, dist.all_gather, dist.all_reduce, dist.reduce_scatter_tensor = batch, gather, reduce, scatter
-    dist.all_gather_into_tensor, dist.reduce = gather_into, reduce_to_one
+    dist.all_gather_into_tensor, dist.reduce, dist.broadcast = gather_into, reduce_to_one, broadcast
 
 
 def _rank(rank: int, spec: dict, port: int, out_dir: str) -> None:

@@ -153,12 +153,20 @@ def context_parallel_traffic(rank, world_size, port, seq, window, heads, dim, le
         sent["all_gather"] += tensor.numel() * tensor.element_size()
         return real_gather(outputs, tensor, *args, **kwargs)
 
+    real_broadcast = dist.broadcast
+
+    def counting_broadcast(tensor, src, *args, **kwargs):  # gloo's gather: each rank broadcasts its rows
+        if src == dist.get_rank():
+            sent["all_gather"] += tensor.numel() * tensor.element_size()
+        return real_broadcast(tensor, src, *args, **kwargs)
+
     def counting_reduce(tensor, dst, *args, **kwargs):
         if dst != dist.get_rank():  # what a non-root rank sends toward the root
             sent["reduce"] += tensor.numel() * tensor.element_size()
         return real_reduce(tensor, dst, *args, **kwargs)
 
     dist.batch_isend_irecv, dist.all_gather, dist.reduce = counting_batch, counting_gather, counting_reduce
+    dist.broadcast = counting_broadcast
     try:
         g = torch.Generator().manual_seed(3)
         q, k, v = (torch.randn(seq, 1, heads, dim, generator=g, dtype=torch.float64) for _ in range(3))
@@ -170,6 +178,7 @@ def context_parallel_traffic(rank, world_size, port, seq, window, heads, dim, le
         out.backward(_on_this_cp_rank(grad_out.transpose(0, 1), group).transpose(0, 1))
     finally:
         dist.batch_isend_irecv, dist.all_gather, dist.reduce = real_batch, real_gather, real_reduce
+        dist.broadcast = real_broadcast
     whole = [_whole_sequence(x.transpose(0, 1), group) for x in (out.detach(), *(t.grad for t in local))]
     return {"sent": sent, "out": whole[0], "grads": whole[1:]}
 

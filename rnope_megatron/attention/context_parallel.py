@@ -15,7 +15,7 @@ rotate with the same global positions (:func:`ZigZag.local_positions`).
   on [halo ‖ chunk] with the queries aligned to the end of the keys. In the backward the
   halo's gradients travel back to their owners and are added there (:class:`HaloExchange`).
 * **Global layers (G, R): all-gather** (:func:`global_context_attention`). Every rank
-  gathers the whole sequence's K/V into one buffer and runs causal attention of each
+  gathers the whole sequence's K/V into one buffer (:func:`gather_kv`) and runs causal attention of each
   local chunk against the key chunks up to its own, one chunk at a time, merged by
   log-sum-exp (:class:`GatheredCausalAttention`). The gathered buffer is freed when the
   forward ends and gathered again in the backward, so a global layer keeps O(L/CP) for
@@ -206,13 +206,21 @@ class HaloExchange(torch.autograd.Function):
 
 def gather_kv(key, value, zz: ZigZag, group) -> torch.Tensor:
     """Every rank's K and V in ONE buffer [CP, 2c, b, hkv, 2d] (rank-major: rank r's
-    local rows, chunks r and 2·CP−1−r, at [r]); no per-rank list, no reordered copy."""
-    local = torch.cat([key, value], dim=-1)
-    buffer = local.new_empty((zz.size, *local.shape))
+    local rows, chunks r and 2·CP−1−r, at [r]); no per-rank list, no reordered copy.
+
+    NCCL gathers into it directly. gloo's all-gather (list or single tensor) stages the
+    whole result in a second buffer of the same size (measured with the allocator), so
+    on gloo each rank broadcasts its rows into their view of the buffer instead."""
+    dim = key.shape[-1]
+    buffer = key.new_empty((zz.size, *key.shape[:-1], 2 * dim))
     if dist.get_backend(group) == "nccl":
-        dist.all_gather_into_tensor(buffer, local, group=group)
-    else:  # gloo: the same buffer, filled through views of its rows
-        dist.all_gather(list(buffer.unbind(0)), local, group=group)
+        dist.all_gather_into_tensor(buffer.view(-1, *buffer.shape[2:]), torch.cat([key, value], dim=-1),
+                                    group=group)
+        return buffer
+    buffer[zz.rank, ..., :dim] = key
+    buffer[zz.rank, ..., dim:] = value
+    for source in range(zz.size):
+        dist.broadcast(buffer[source], src=dist.get_global_rank(group, source), group=group)
     return buffer
 
 
