@@ -7,7 +7,8 @@ place instead of polling for it.
 process tree before killing it). Actions: ``kill``, ``stop``, ``term_group`` and
 ``usr1_group`` (SIGTERM / SIGUSR1 to the whole process group, as ``timeout``, ``kill --
 -PGID`` or a scheduler does). Points: ``after_step``,
-``mid_save`` (shards written, checkpoint not yet in place), ``after_save``. Unset (the
+``mid_save`` (shards written, checkpoint not yet in place), ``after_save``,
+``building_data`` (iteration 0: rank 0 holds the data cache's build lock). Unset (the
 default) it does nothing.
 """
 
@@ -18,7 +19,7 @@ import signal
 
 ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term_group": signal.SIGTERM,
            "usr1_group": signal.SIGUSR1}
-POINTS = ("after_step", "mid_save", "after_save")
+POINTS = ("after_step", "mid_save", "after_save", "building_data")
 
 
 def _planned() -> list[tuple[str, str, int]]:

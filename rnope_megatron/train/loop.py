@@ -25,7 +25,7 @@ from rnope_megatron.distributed import compute_device, initialize_parallel
 from rnope_megatron.flops import training_flops_per_token
 from rnope_megatron.precision import describe_attention
 from rnope_megatron.quantize.state import is_quantized, quantized_weights_only
-from rnope_megatron.train.run_lock import RunDirectoryBusy, RunDirectoryLock
+from rnope_megatron.train.run_lock import RunDirectoryBusy, TrainerLocks
 from rnope_megatron.train.validation import data_parallel_size
 
 
@@ -53,16 +53,17 @@ def _pin_threads(cpu_threads: int | None) -> None:
         torch.set_num_threads(cpu_threads)
 
 
-def _lock_run_directory(recipe, rank0: bool) -> RunDirectoryLock | None:
-    """Rank 0 takes the run directory's lock; every rank learns whether it got it."""
-    lock = RunDirectoryLock(recipe.run_dir) if rank0 else None
-    holder = lock.try_acquire() if lock else None
-    busy = torch.tensor([1.0 if holder else 0.0], device=compute_device())
-    dist.all_reduce(busy)
-    if busy.item():
-        raise RunDirectoryBusy(f"run directory {recipe.run_dir} is in use by another rnope-train "
-                               f"({holder or 'see rank 0'}): stop that run or set another logging.run_dir")
-    return lock
+def _lock_run_directory(recipe, rank0: bool) -> TrainerLocks | None:
+    """Rank 0 locks the run and checkpoint directories; every rank learns whether it got
+    them (before anything is read or written there)."""
+    locks = TrainerLocks(recipe) if rank0 else None
+    busy = locks.try_acquire() if locks else None
+    flag = torch.tensor([1.0 if busy else 0.0], device=compute_device())
+    dist.all_reduce(flag)
+    if flag.item():
+        raise RunDirectoryBusy(busy or "the run or checkpoint directory is in use by another rnope-train "
+                                       "(see rank 0)")
+    return locks
 
 
 def restore(engine, recipe, rank0: bool) -> int:

@@ -1,0 +1,132 @@
+"""Nothing lost, round two (issue 21): the installed console scripts under two trainers on
+one folder, a killed launcher, pre-emption during an eval gate and inputs that cannot fit.
+Faults happen at fixed points (RNOPE_FAULT, :mod:`rnope_megatron.faults`), never after a
+guessed delay; every refusal ends in one line naming the folder, file or field, leaves
+the inputs' bytes unchanged and leaves no file and no process behind."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import signal
+import subprocess
+import uuid
+
+import psutil
+import pytest
+
+from tests.conftest import SAVED_RUN_ARGS
+from tests.trainer import FAST, RECIPE, ROOT, assert_one_line_error, console_script, exit_status, losses, metrics
+
+
+def rnope_train(run_dir, *overrides) -> list[str]:
+    """The installed ``rnope-train`` on the tiny CPU recipe (tests/trainer.py FAST)."""
+    return [console_script("rnope-train"), RECIPE, *FAST, f"logging.run_dir={run_dir}", *overrides]
+
+
+def run(cmd, env=None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})}, **kwargs)
+
+
+def tree_digest(folder) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative path -> digest)."""
+    folder = pathlib.Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def start_stopped(cmd, point: str, env=None):
+    """Start ``cmd`` with RNOPE_FAULT=stop@POINT and wait until it has SIGSTOPped itself
+    there. Returns the Popen (the caller kills it)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {}), "RNOPE_FAULT": f"stop@{point}"})
+    process = psutil.Process(proc.pid)
+    while process.status() != psutil.STATUS_STOPPED:
+        if proc.poll() is not None:
+            raise AssertionError(f"{cmd[0]} exited ({proc.returncode}) before reaching {point}")
+        psutil.wait_procs([process], timeout=0.05)  # returns at once if it exits
+    return proc
+
+
+def tagged_processes(tag: str) -> list[psutil.Process]:
+    """The live processes started with RNOPE_TEST_TAG=tag in their environment."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("RNOPE_TEST_TAG") == tag and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+# ----------------------------------------------------------------- 1: one trainer per folder
+
+def test_a_second_trainer_on_the_same_checkpoint_directory_is_refused(tmp_path, data_cache):
+    """Two trainers with their own run directories and one checkpoint.dir: the second
+    stops before touching anything, in one line naming the folder and the holder, and
+    leaves nothing behind (not even its own run directory); after the holder dies
+    (kill -9) the folder is free again."""
+    checkpoints = tmp_path / "shared-checkpoints"
+    args = [f"data.cache_dir={data_cache}", *SAVED_RUN_ARGS, f"checkpoint.dir={checkpoints}"]
+    first = start_stopped(rnope_train(tmp_path / "first", *args), "after_save:2")
+    try:
+        before = tree_digest(checkpoints)
+        second = run(rnope_train(tmp_path / "second", *args))
+        assert_one_line_error(second, "rnope-train", f"checkpoint directory {checkpoints} is in use",
+                              f"pid {first.pid}", "checkpoint.dir")
+        assert tree_digest(checkpoints) == before
+        assert not (tmp_path / "second").exists()
+    finally:
+        first.kill()
+        first.wait()
+    third = run(rnope_train(tmp_path / "third", *args))  # the kernel released the dead run's lock
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"resumed from {checkpoints}/iter_0000002" in third.stdout
+
+
+def test_a_run_directory_used_as_another_runs_checkpoint_directory_is_refused(tmp_path, data_cache):
+    """checkpoint.dir = another live run's run directory: the same folder, refused."""
+    first = start_stopped(rnope_train(tmp_path / "first", f"data.cache_dir={data_cache}", *SAVED_RUN_ARGS),
+                          "after_step:1")
+    try:
+        second = run(rnope_train(tmp_path / "second", f"data.cache_dir={data_cache}", *SAVED_RUN_ARGS,
+                                 f"checkpoint.dir={tmp_path / 'first'}"))
+        assert_one_line_error(second, "rnope-train", f"{tmp_path / 'first'} is in use", f"pid {first.pid}")
+        assert not (tmp_path / "second").exists()
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_two_runs_building_one_data_cache_take_turns(tmp_path, saved_run):
+    """A run stopped while it holds a fresh data cache's build lock: a second run on that
+    cache says it waits for it (naming the folder and the holder) and builds nothing;
+    once the first finishes, the second reads what the first built, and both train
+    exactly as the shared-cache reference run did."""
+    cache = tmp_path / "cache"
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first = start_stopped(rnope_train(first_dir, f"data.cache_dir={cache}", *SAVED_RUN_ARGS), "building_data:0")
+    try:
+        second = subprocess.Popen(rnope_train(second_dir, f"data.cache_dir={cache}", *SAVED_RUN_ARGS), cwd=ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        said = ""
+        for line in second.stderr:  # blocks until the second run says something or exits
+            said += line
+            if "data cache" in line:
+                break
+        assert f"data cache {cache} is being built by pid {first.pid}" in said, said[-3000:]
+        assert not list(cache.glob("*.bin*")), "the waiting run wrote into the cache"
+        first.send_signal(signal.SIGCONT)
+        assert first.wait(timeout=600) == 0
+        rest = second.communicate(timeout=600)[1]
+        assert second.returncode == 0, rest[-3000:]
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    reference = losses(saved_run)
+    assert losses(first_dir) == reference and losses(second_dir) == reference
