@@ -130,3 +130,38 @@ def test_two_runs_building_one_data_cache_take_turns(tmp_path, saved_run):
                 proc.wait()
     reference = losses(saved_run)
     assert losses(first_dir) == reference and losses(second_dir) == reference
+
+
+# ----------------------------------------------------------------- 8: the launcher dies
+
+def test_kill_9_of_torchrun_stops_its_workers_and_frees_the_run(tmp_path, data_cache):
+    """rnope-train under torchrun with 2 workers; rank 0 SIGKILLs torchrun right after
+    iteration 2 (kill_parent, as ``kill -9 <torchrun pid>``). Both workers notice that
+    their launcher is gone, save a checkpoint, exit and release the run's locks: no
+    worker is left, and a new run in the same folders resumes from that checkpoint. (The
+    run asks for 2000 iterations: a worker that did not notice would train on for many
+    minutes; the bounded wait below only detects that.)"""
+    tag = uuid.uuid4().hex
+    cmd = [console_script("torchrun"), "--standalone", "--nproc-per-node=2", "--no-python",
+           *rnope_train(tmp_path, f"data.cache_dir={data_cache}", "train.iters=2000", "scheduler.warmup_iters=1")]
+    with open(tmp_path / "torchrun.log", "w") as log:
+        torchrun = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, "RNOPE_FAULT": "kill_parent@after_step:2",
+                                         "RNOPE_TEST_TAG": tag})
+        assert torchrun.wait(timeout=600) == -signal.SIGKILL
+    workers = tagged_processes(tag)
+    _, alive = psutil.wait_procs(workers, timeout=300)
+    for leftover in alive:
+        leftover.kill()
+    output = (tmp_path / "torchrun.log").read_text()
+    assert not alive, f"workers still running after their launcher died:\n{output[-3000:]}"
+    assert f"launcher pid {torchrun.pid} is gone" in output, output[-3000:]
+    status = exit_status(tmp_path)
+    assert status["done"] is False and "launcher" in status["reason"], status
+    stopped = status["iteration"]
+    assert stopped >= 2 and status["checkpoint"].endswith(f"iter_{stopped:07d}")
+    again = run(rnope_train(tmp_path, f"data.cache_dir={data_cache}", "train.iters=2000", "scheduler.warmup_iters=1",
+                            f"train.stop_at={stopped + 1}"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'checkpoints'}/iter_{stopped:07d} at iteration {stopped}" in again.stdout
+    assert [m["iteration"] for m in metrics(tmp_path)] == list(range(1, stopped + 2))

@@ -13,6 +13,8 @@ import json
 import os
 import pathlib
 import signal
+import sys
+import threading
 import time
 
 import torch
@@ -30,7 +32,8 @@ from rnope_megatron.train.validation import data_parallel_size
 
 
 class StopRequest:
-    """Turns SIGTERM/SIGUSR1 into a flag checked between iterations."""
+    """Turns SIGTERM/SIGUSR1, and the death of the torchrun launcher, into a flag checked
+    between iterations (and between an eval gate's batches)."""
 
     def __init__(self):
         self.signal = None
@@ -39,6 +42,24 @@ class StopRequest:
 
     def _handle(self, signum, _frame):
         self.signal = signal.Signals(signum).name
+
+    def watch_launcher(self, poll_s: float = 1.0) -> None:
+        """Under torchrun, stop when the launcher dies. A ``kill -9`` of torchrun leaves its
+        workers running, holding the run's locks and training on (torchrun forwards
+        SIGTERM to them, but nothing forwards its own death). Workers are torchrun's
+        children: when it is gone they are re-parented, so ``getppid()`` changes."""
+        if "TORCHELASTIC_RUN_ID" not in os.environ:
+            return
+        launcher = os.getppid()
+
+        def watch():
+            while os.getppid() == launcher:
+                time.sleep(poll_s)
+            self.signal = f"the death of its launcher (pid {launcher})"
+            print(f"rnope-train: rank {os.environ.get('RANK', '?')}: launcher pid {launcher} is gone: saving a "
+                  f"checkpoint at the end of this iteration and stopping", file=sys.stderr, flush=True)
+
+        threading.Thread(target=watch, name="rnope-launcher-watch", daemon=True).start()
 
     def any_rank(self) -> bool:
         flag = torch.tensor([1.0 if self.signal else 0.0], device=compute_device())
@@ -154,6 +175,7 @@ def run(recipe) -> dict:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     dp = data_parallel_size(recipe, world_size)
     stop = StopRequest()
+    stop.watch_launcher()
     _pin_threads(recipe.train.cpu_threads)
     initialize_parallel(recipe.parallel, seed=recipe.train.seed)
     rank0 = dist.get_rank() == 0
