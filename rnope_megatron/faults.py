@@ -9,7 +9,8 @@ process tree before killing it). Actions: ``kill``, ``stop``, ``term_group`` and
 -PGID`` or a scheduler does), ``kill_parent`` (SIGKILL to the parent process: ``kill -9``
 of torchrun, from rank 0 at an exact point). Points: ``after_step``,
 ``mid_save`` (shards written, checkpoint not yet in place), ``after_save``,
-``building_data`` (iteration 0: rank 0 holds the data cache's build lock). Unset (the
+``building_data`` (iteration 0: rank 0 holds the data cache's build lock), ``in_gate``
+(after each forward of the eval gate due at that iteration). Unset (the
 default) it does nothing.
 """
 
@@ -20,7 +21,7 @@ import signal
 
 ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term_group": signal.SIGTERM,
            "usr1_group": signal.SIGUSR1, "kill_parent": signal.SIGKILL}
-POINTS = ("after_step", "mid_save", "after_save", "building_data")
+POINTS = ("after_step", "mid_save", "after_save", "building_data", "in_gate")
 
 
 def _planned() -> list[tuple[str, str, int]]:

@@ -165,3 +165,30 @@ def test_kill_9_of_torchrun_stops_its_workers_and_frees_the_run(tmp_path, data_c
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {tmp_path / 'checkpoints'}/iter_{stopped:07d} at iteration {stopped}" in again.stdout
     assert [m["iteration"] for m in metrics(tmp_path)] == list(range(1, stopped + 2))
+
+
+# ----------------------------------------------------------------- 11: pre-emption during a gate
+
+GATE = ["eval.interval=2", "eval.lengths=[128,256]", "eval.samples=2"]
+
+
+def test_sigterm_during_an_eval_gate_saves_first_and_resumes_exactly(tmp_path, data_cache, saved_run):
+    """SIGTERM to the trainer's process group after the first forward of the gate due at
+    iteration 2 (6 forwards in all): the gate gives way, checkpoint 2 is saved, the run
+    exits 0 saying the gate was cut short and logs no partial accuracy. The resumed run
+    logs the gate at 4 and trains exactly as the reference run without gates (the gate
+    never touches the trajectory)."""
+    args = [f"data.cache_dir={data_cache}", *SAVED_RUN_ARGS, *GATE]
+    out = run(rnope_train(tmp_path, *args), env={"RNOPE_FAULT": "term_group@in_gate:2"}, start_new_session=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "eval gate at iteration 2 cut short by SIGTERM: saving first" in out.stdout, out.stdout[-3000:]
+    assert "stopped by SIGTERM at iteration 2" in out.stdout
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+    assert [("eval" in m) for m in metrics(tmp_path)] == [False, False]
+    again = run(rnope_train(tmp_path, *args))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'checkpoints'}/iter_0000002 at iteration 2" in again.stdout
+    records = metrics(tmp_path)
+    assert [m["iteration"] for m in records] == [1, 2, 3, 4]
+    assert set(records[-1]["eval"]["passkey"]) == {"128", "256"}
+    assert losses(tmp_path) == losses(saved_run)

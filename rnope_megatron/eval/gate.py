@@ -21,8 +21,13 @@ from __future__ import annotations
 
 import torch
 
+from rnope_megatron import faults
 from rnope_megatron.eval.scoring import by_length, default_batch_size, evaluate_grid
 from rnope_megatron.eval.tasks import build_grid, minimum_length
+
+
+class GateInterrupted(Exception):
+    """A stop was requested during a gate: the gate gives way to the checkpoint save."""
 
 
 class EvalGate:
@@ -62,8 +67,18 @@ class EvalGate:
             logits = gather_from_tensor_model_parallel_region(logits)  # vocab-sharded -> whole
         return logits.float()
 
-    def run(self) -> dict:
-        """``{task: {length: accuracy}}`` (mean over depths and samples), keys as strings."""
+    def run(self, iteration: int = 0, should_stop=None) -> dict | None:
+        """``{task: {length: accuracy}}`` (mean over depths and samples), keys as strings;
+        None when ``should_stop()`` (asked after every forward, on every rank: it must be
+        collective, as :meth:`StopRequest.any_rank` is) turned true before the end. A
+        pre-emption's grace period is then spent on the save, not on the rest of the
+        gate; the gate is a pure function of the weights, so ``rnope-eval`` on the saved
+        checkpoint gives what it would have logged."""
+        def after_batch():
+            faults.point("in_gate", iteration)
+            if should_stop is not None and should_stop():
+                raise GateInterrupted
+
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         was_training = self.model.training
         self.model.eval()
@@ -74,8 +89,10 @@ class EvalGate:
                     rows = []
                     for length in self.lengths:
                         cells = {k: v for k, v in grid.items() if k[0] == length}
-                        rows += evaluate_grid(self._logits, cells, default_batch_size(length))
+                        rows += evaluate_grid(self._logits, cells, default_batch_size(length), after_batch=after_batch)
                     results[task] = {str(n): acc for n, acc in by_length(rows).items()}
+        except GateInterrupted:
+            return None
         finally:
             self.model.train(was_training)
         return results

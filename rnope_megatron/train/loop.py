@@ -132,8 +132,12 @@ def train(engine, dataset, logger, stop: StopRequest, start_iteration: int, gate
         evaluation = None
         if gate is not None and gate.due(iteration):
             started = time.time()
-            evaluation = gate.run()
+            evaluation = gate.run(iteration, stop.any_rank)  # gives way to a stop signal
             logger.exclude_time(time.time() - started)  # keep the gate's time out of tokens/s
+            if evaluation is None and rank0:
+                print(f"rnope-train: eval gate at iteration {iteration} cut short by "
+                      f"{stop.signal or 'a signal on another rank'}: saving first (not logged; "
+                      f"rnope-eval on the checkpoint gives its numbers)", flush=True)
         logged = (iteration % recipe.logging.interval == 0 or iteration == t.iters or result.skipped
                   or evaluation is not None)
         if logged:
