@@ -148,10 +148,10 @@ class RNoPEConfig:
 
     @classmethod
     def from_yaml(cls, path) -> "RNoPEConfig":
-        import yaml
+        from rnope_megatron import safe_yaml
 
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(yaml.safe_load(f) or {})
+            return cls.from_dict(safe_yaml.load(f.read(), str(path)) or {})
 
     # ---- derived values ----
     @property

@@ -192,3 +192,45 @@ def test_sigterm_during_an_eval_gate_saves_first_and_resumes_exactly(tmp_path, d
     assert [m["iteration"] for m in records] == [1, 2, 3, 4]
     assert set(records[-1]["eval"]["passkey"]) == {"128", "256"}
     assert losses(tmp_path) == losses(saved_run)
+
+
+# ----------------------------------------------------------------- 6: YAML alias bombs
+
+def _limit_memory():
+    """A 4 GB address-space cap for a refused command: a regression then fails fast
+    (MemoryError) instead of swapping the machine."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """The classic "billion laughs" as a flow list: 9 lists of 9 aliases of the previous
+    list, 9^9 strings when expanded (~400 bytes of YAML)."""
+    names = "abcdefghijklmnop"[:levels]
+    items = ["&a [" + ",".join(["lol"] * 9) + "]"]
+    items += [f"&{cur} [" + ",".join([f"*{prev}"] * 9) + "]" for prev, cur in zip(names, names[1:])]
+    return "[" + ", ".join(items) + "]"
+
+
+@pytest.mark.parametrize("field", ["eval.tasks", "model.pattern", "cluster.gpu"])
+def test_a_yaml_alias_bomb_in_a_recipe_is_refused_in_one_line(tmp_path, field):
+    section, key = field.split(".")
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text(f"base: {RECIPE}\n{section}:\n  {key}: {alias_bomb()}\n")
+    before = tree_digest(tmp_path)
+    out = run([console_script("rnope-train"), str(recipe), f"logging.run_dir={tmp_path / 'run'}"],
+              preexec_fn=_limit_memory)
+    assert_one_line_error(out, "rnope-train", str(recipe), "aliases expand to more than")
+    assert tree_digest(tmp_path) == before  # nothing written, the recipe untouched
+
+
+def test_a_yaml_alias_bomb_in_an_override_or_a_planned_recipe_is_refused(tmp_path):
+    out = run([console_script("rnope-train"), RECIPE, f"eval.tasks={alias_bomb()}",
+               f"logging.run_dir={tmp_path / 'run'}"], preexec_fn=_limit_memory)
+    assert_one_line_error(out, "rnope-train", "override eval.tasks", "aliases expand to more than")
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text(f"base: {RECIPE}\ncluster:\n  gpu: {alias_bomb()}\n")
+    out = run([console_script("rnope-plan"), str(recipe)], preexec_fn=_limit_memory)
+    assert_one_line_error(out, "rnope-plan", str(recipe), "aliases expand to more than")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.yaml"]

@@ -87,13 +87,16 @@ def _data_section(path) -> dict:
     the file's mapping itself when it is a bare data section."""
     import yaml
 
+    from rnope_megatron import safe_yaml
     from rnope_megatron.train.recipe import read_yaml
 
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = safe_yaml.load(path.read_text(encoding="utf-8"), f"--data {path}") or {}
+    except safe_yaml.YAMLTooLarge:
+        raise
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ValueError(f"--data {path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(raw, dict):

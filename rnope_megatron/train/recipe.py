@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, get_type_hints
 
 import yaml
 
+from rnope_megatron import safe_yaml
 from rnope_megatron.config import ParallelLayout, RNoPEConfig  # noqa: F401  (type hints)
 from rnope_megatron.precision import FP8Section  # noqa: F401  (type hints)
 from rnope_megatron.typed import ConfigError, build_dataclass
@@ -243,7 +244,9 @@ def _parse_scalar(dotted: str, text: str) -> Any:
     if text == "":
         return ""
     try:
-        return yaml.safe_load(text)
+        return safe_yaml.load(text, f"override {dotted}")
+    except safe_yaml.YAMLTooLarge as err:
+        raise RecipeError(str(err)) from None
     except yaml.YAMLError as err:
         raise RecipeError(f"override {dotted}: {text!r} is not a YAML value ({' '.join(str(err).split())})") from None
 
@@ -276,7 +279,9 @@ def _read_mapping(path: pathlib.Path, what: str) -> dict:
     except UnicodeDecodeError as err:
         raise RecipeError(f"{path}: not UTF-8 text (byte {err.start})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = safe_yaml.load(text, str(path))
+    except safe_yaml.YAMLTooLarge as err:
+        raise RecipeError(str(err)) from None
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if raw is None:
