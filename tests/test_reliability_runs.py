@@ -234,3 +234,19 @@ def test_a_yaml_alias_bomb_in_an_override_or_a_planned_recipe_is_refused(tmp_pat
     out = run([console_script("rnope-plan"), str(recipe)], preexec_fn=_limit_memory)
     assert_one_line_error(out, "rnope-plan", str(recipe), "aliases expand to more than")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.yaml"]
+
+
+# ----------------------------------------------------------------- 15, 16: rnope-plan
+
+def test_rnope_plan_prints_no_library_warnings(tmp_path):
+    """A plan is stdout only: megatron's and torch's import-time warnings stay out."""
+    out = run([console_script("rnope-plan"), RECIPE])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr == ""
+
+
+@pytest.mark.parametrize("gpu, tflops", [("h100", "50000"), ("b200", "2251")])
+def test_rnope_plan_refuses_an_achieved_throughput_above_the_gpus_peak(gpu, tflops):
+    out = run([console_script("rnope-plan"), RECIPE, "--gpu", gpu, "--achieved-tflops", tflops])
+    assert_one_line_error(out, "rnope-plan", f"--achieved-tflops {tflops} is above the {gpu}'s dense bf16 peak")
+    assert out.stdout == ""

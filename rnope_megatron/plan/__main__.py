@@ -45,9 +45,10 @@ def _print_run_dir(recipe, args) -> int:
 
 
 def main(argv=None) -> int:
-    from rnope_megatron.cli import one_line, one_line_errors
+    from rnope_megatron.cli import one_line, one_line_errors, quiet_known_warnings
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    quiet_known_warnings()  # before megatron is imported: its import-time warnings are what a user saw
     with one_line_errors("rnope-plan"):
         from rnope_megatron.plan import make_plan, render
         from rnope_megatron.train.recipe import RecipeError, load_recipe
