@@ -250,3 +250,53 @@ def test_rnope_plan_refuses_an_achieved_throughput_above_the_gpus_peak(gpu, tflo
     out = run([console_script("rnope-plan"), RECIPE, "--gpu", gpu, "--achieved-tflops", tflops])
     assert_one_line_error(out, "rnope-plan", f"--achieved-tflops {tflops} is above the {gpu}'s dense bf16 peak")
     assert out.stdout == ""
+
+
+# ----------------------------------------------------------------- 12, 14: rnope-eval --hf inputs
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny random Llama-class Hugging Face folder with vocab_size 100 and no tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("llama")
+    config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def _eval_hf(folder, *extra):
+    return run([console_script("rnope-eval"), "passkey", "--hf", str(folder), "--lengths", "128", "--depths", "0",
+                "--samples", "1", "--quiet", *extra])
+
+
+def test_rnope_eval_hf_without_a_tokenizer_is_refused(llama_dir):
+    """No tokenizer.json: the byte tokenizer is not guessed (it used to score with it)."""
+    before = tree_digest(llama_dir)
+    out = _eval_hf(llama_dir)
+    assert_one_line_error(out, "rnope-eval", f"{llama_dir}: no tokenizer.json")
+    assert tree_digest(llama_dir) == before
+
+
+def test_rnope_eval_hf_with_a_tokenizer_larger_than_the_vocabulary_is_refused(llama_dir, tmp_path):
+    """vocab_size 100 with the byte tokenizer (257 ids): one line, not an IndexError."""
+    from rnope_megatron.convert.byte_tokenizer import write_byte_tokenizer
+
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    for item in llama_dir.iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    write_byte_tokenizer(folder)
+    before = tree_digest(folder)
+    out = _eval_hf(folder)
+    assert_one_line_error(out, "rnope-eval", "tokenizer.json has 257 ids > config.json vocab_size 100")
+    assert tree_digest(folder) == before
+
+
+@pytest.mark.parametrize("threads", ["-2", "0"])
+def test_rnope_eval_refuses_a_thread_count_below_one(llama_dir, threads):
+    out = _eval_hf(llama_dir, "--threads", threads)
+    assert_one_line_error(out, "rnope-eval", f"--threads {threads} must be >= 1")
