@@ -196,12 +196,17 @@ def test_sigterm_during_an_eval_gate_saves_first_and_resumes_exactly(tmp_path, d
 
 # ----------------------------------------------------------------- 6: YAML alias bombs
 
-def _limit_memory():
-    """A 4 GB address-space cap for a refused command: a regression then fails fast
-    (MemoryError) instead of swapping the machine."""
+def _limit_memory(gib: int = 4):
+    """An address-space cap for a refused command: a regression then fails fast
+    (MemoryError) instead of swapping the machine. 4 GiB lets a recipe be read; a
+    process group (gloo's threads) needs more address space (12 GiB)."""
     import resource
 
-    resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+    resource.setrlimit(resource.RLIMIT_AS, (gib * 2**30, gib * 2**30))
+
+
+def _limit_memory_with_process_group():
+    _limit_memory(12)
 
 
 def alias_bomb(levels: int = 9) -> str:
@@ -300,3 +305,32 @@ def test_rnope_eval_hf_with_a_tokenizer_larger_than_the_vocabulary_is_refused(ll
 def test_rnope_eval_refuses_a_thread_count_below_one(llama_dir, threads):
     out = _eval_hf(llama_dir, "--threads", threads)
     assert_one_line_error(out, "rnope-eval", f"--threads {threads} must be >= 1")
+
+
+# ----------------------------------------------------------------- 9: evaluations that cannot fit
+
+def _length_that_cannot_fit() -> int:
+    """Four times the tokens whose logits alone (tiny recipe: vocab 512, float32) fill
+    this machine's available memory: refused however the estimate's details change."""
+    return 4 * psutil.virtual_memory().available // (512 * 4)
+
+
+def test_rnope_eval_refuses_a_length_that_cannot_fit_before_any_work(saved_run, tmp_path):
+    length = _length_that_cannot_fit()
+    out = run([console_script("rnope-eval"), "passkey", "--checkpoint", str(saved_run / "checkpoints"),
+               "--lengths", f"128,{length}", "--quiet", "--json", str(tmp_path / "out.json")],
+              preexec_fn=_limit_memory_with_process_group)
+    assert_one_line_error(out, "rnope-eval", f"--lengths: evaluating {length:,} tokens needs about", "GiB available")
+    assert "length" not in out.stdout and not list(tmp_path.iterdir())
+
+
+def test_an_eval_gate_that_cannot_fit_is_refused_before_training(tmp_path):
+    """Refused at recipe validation (also by --check), before a process group, a run
+    directory or a data cache exists: not after hours of training, at the first gate."""
+    length = _length_that_cannot_fit()
+    args = [RECIPE, "eval.interval=2", f"eval.lengths=[{length}]", f"logging.run_dir={tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'cache'}"]
+    for cmd in ([console_script("rnope-train"), *args], [console_script("rnope-train"), "--check", *args]):
+        out = run(cmd, preexec_fn=_limit_memory)
+        assert_one_line_error(out, "rnope-train", "bad recipe: eval.lengths: evaluating", "GiB available")
+    assert not list(tmp_path.iterdir())

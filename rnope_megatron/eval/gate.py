@@ -22,8 +22,28 @@ from __future__ import annotations
 import torch
 
 from rnope_megatron import faults
+from rnope_megatron.typed import ConfigError
+from rnope_megatron.eval.memory import available_bytes, refuse_if_too_large
 from rnope_megatron.eval.scoring import by_length, default_batch_size, evaluate_grid
 from rnope_megatron.eval.tasks import build_grid, minimum_length
+
+
+def refuse_gate_too_large(recipe, platform=None) -> None:
+    """Refuse (ValueError naming ``eval.lengths``) a gate whose evaluation cannot fit in the
+    device's memory, at recipe validation: before any process group, and long before the
+    first gate (which would fail after hours of training). ``platform`` (a GPU's, from
+    ``--gpu`` or this machine) bounds it by the whole device's memory, else the host's
+    available memory does; training needs memory too, so passing is necessary, not enough."""
+    e, m = recipe.eval, recipe.model
+    if not e.interval:
+        return
+    lengths = list(e.lengths or [recipe.train.seq_length])
+    available = int(platform.gpu.memory_gb * 1e9) if platform is not None else available_bytes("cpu")
+    try:
+        refuse_if_too_large("eval.lengths", lengths, len(e.tasks) * len(e.depths) * e.samples, default_batch_size,
+                            m.hidden_size, m.ffn_hidden_size, m.vocab_size, available)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None  # a recipe problem: "bad recipe: eval.lengths: ..."
 
 
 class GateInterrupted(Exception):

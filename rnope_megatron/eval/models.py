@@ -33,6 +33,8 @@ class Evaluated:
     """What was loaded (source, pattern, window, trained length), written into the JSON."""
     trained_length: Optional[int] = None
     """``train.seq_length`` of the recipe saved with the checkpoint, when known."""
+    widths: tuple = (0, 0)
+    """(hidden size, MLP hidden size): what one forward's memory grows with (eval.memory)."""
 
 
 @contextlib.contextmanager
@@ -86,7 +88,8 @@ def from_checkpoint(path, threads: Optional[int] = None) -> Evaluated:
     trained = (recipe.get("train") or {}).get("seq_length")
     description = {"source": str(source), "kind": "megatron", "pattern": cfg.pattern, "window": cfg.window,
                    "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "trained_length": trained}
-    return Evaluated(megatron_logits(model), tokenizer, cfg.vocab_size, description, trained)
+    return Evaluated(megatron_logits(model), tokenizer, cfg.vocab_size, description, trained,
+                     (cfg.hidden_size, cfg.ffn_hidden_size))
 
 
 def _hf_tokenizer(directory: pathlib.Path, vocab_size: int):
@@ -139,7 +142,8 @@ def from_hf(path, threads: Optional[int] = None) -> Evaluated:
     description = {"source": str(directory), "kind": "hf", "model_type": hf.get("model_type"),
                    "layer_types": hf.get("layer_types"), "sliding_window": hf.get("sliding_window"),
                    "quantization": algo}
-    return Evaluated(logits, tokenizer, vocab_size, description)
+    widths = (int(hf.get("hidden_size") or 0), int(hf.get("intermediate_size") or 0))
+    return Evaluated(logits, tokenizer, vocab_size, description, widths=widths)
 
 
 def load(checkpoint: Optional[str], hf: Optional[str], threads: Optional[int] = None) -> Evaluated:

@@ -59,6 +59,7 @@ def main(argv=None) -> int:
         raise SystemExit("rnope-train: no recipe given (rnope-train [--check [--gpu NAME]] RECIPE.yaml ...)")
     quiet_known_warnings()
     with one_line_errors("rnope-train"):
+        from rnope_megatron.eval.gate import refuse_gate_too_large
         from rnope_megatron.precision import describe_attention, plan_precision
         from rnope_megatron.train.recipe import RecipeError, load_recipe
         from rnope_megatron.train.validation import validate, validate_input_files
@@ -74,6 +75,7 @@ def main(argv=None) -> int:
                                   "pass --gpu h100|h200|b200 to check the recipe for one")
             # Before any process group: what TE cannot run on this GPU is refused here.
             precision = plan_precision(recipe, platform)
+            refuse_gate_too_large(recipe, platform)  # not after hours of training, at the first gate
             if not check:
                 validate_input_files(recipe)
         except RecipeError as err:
