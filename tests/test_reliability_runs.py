@@ -334,3 +334,20 @@ def test_an_eval_gate_that_cannot_fit_is_refused_before_training(tmp_path):
         out = run(cmd, preexec_fn=_limit_memory)
         assert_one_line_error(out, "rnope-train", "bad recipe: eval.lengths: evaluating", "GiB available")
     assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------- 17: a bad recipe under torchrun
+
+def test_a_bad_recipe_under_torchrun_is_reported_once(tmp_path):
+    """Every rank finds the error before any process group; only rank 0 prints it (the
+    others wait to be stopped by torchrun, so rank 0 is never stopped before it spoke),
+    and no worker is left behind."""
+    tag = uuid.uuid4().hex
+    out = run([console_script("torchrun"), "--standalone", "--nproc-per-node=2", "--no-python",
+               *rnope_train(tmp_path / "run", "model.window=-3")], env={"RNOPE_TEST_TAG": tag})
+    assert out.returncode != 0
+    said = (out.stdout + out.stderr).count("rnope-train: bad recipe: ")
+    assert said == 1, out.stderr[-3000:]
+    assert "window must be an integer >= 1, got -3" in out.stderr
+    assert not (tmp_path / "run").exists()
+    assert not tagged_processes(tag)

@@ -7,6 +7,11 @@ pre-emption; also when sent to the whole process group) save a checkpoint at the
 the current iteration and exit 0. A bad recipe, file or checkpoint ends in one line
 naming it, with a non-zero exit status, before any work is lost.
 
+Under torchrun every rank validates the recipe before any process group exists; a bad
+recipe is reported once, by rank 0, and the other ranks exit 1 silently (torchrun then
+adds its own summary of the failed workers). ``rnope-train --check RECIPE ...`` before
+launching prints it alone.
+
 ``--check``: validate the recipe and print each layer's attention and precision policy,
 then exit 0 without training (no process group, no data read). ``--gpu NAME`` checks it
 for that GPU instead of this machine's (an FP8 recipe needs one of the two: FP8 support
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 
 def _split_options(argv: list[str]) -> tuple[bool, str | None, list[str]]:
@@ -79,6 +85,13 @@ def main(argv=None) -> int:
             if not check:
                 validate_input_files(recipe)
         except RecipeError as err:
+            if int(os.environ.get("RANK", "0")) != 0:
+                # Every rank reads the same recipe and finds the same error: rank 0 says it
+                # once. The others wait for torchrun to stop them when rank 0 fails (SIGTERM,
+                # default action): exiting first would have torchrun stop rank 0 before it
+                # printed. A minute bounds the wait should rank 0 not fail.
+                time.sleep(60)
+                raise SystemExit(1) from None
             raise SystemExit(f"rnope-train: bad recipe: {one_line(err)}") from None
 
         if check:
