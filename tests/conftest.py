@@ -21,6 +21,9 @@ TIER_OF_FILE = {
 }
 TIERS = tuple(TIER_OF_FILE)
 
+# The finished run `saved_run` holds: tests that compare against it train with these too.
+SAVED_RUN_ARGS = ["train.iters=4", "checkpoint.interval=2", "scheduler.warmup_iters=1"]
+
 
 def pytest_collection_modifyitems(config, items):
     """Give each test its file's tier unless it names one itself (a slow test in a fast
@@ -47,6 +50,17 @@ def data_cache(tmp_path_factory):
     """One data cache (embedded corpus, retrieval mix, Megatron index files) for every
     trainer run of the session."""
     return str(tmp_path_factory.mktemp("data-cache"))
+
+
+@pytest.fixture(scope="session")
+def saved_run(tmp_path_factory, data_cache):
+    """A finished 4-iteration run (tests/trainer.py FAST + SAVED_RUN_ARGS) with
+    checkpoints at 2 and 4, shared by the session: copy it before damaging it."""
+    from tests.trainer import train
+
+    run_dir = tmp_path_factory.mktemp("saved")
+    train(run_dir, f"data.cache_dir={data_cache}", *SAVED_RUN_ARGS)
+    return run_dir
 
 
 @pytest.fixture(autouse=True)

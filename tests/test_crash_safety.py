@@ -13,17 +13,8 @@ import time
 import psutil
 import pytest
 
+from tests.conftest import SAVED_RUN_ARGS as COMMON  # the `saved_run` fixture's run (conftest)
 from tests.trainer import ROOT, assert_one_line_error, exit_status, metrics, train, train_cmd
-
-COMMON = ["train.iters=4", "checkpoint.interval=2", "scheduler.warmup_iters=1"]
-
-
-@pytest.fixture(scope="module")
-def saved_run(tmp_path_factory, data_cache):
-    """A finished 4-iteration run with checkpoints at 2 and 4 (copied by tests that damage it)."""
-    run_dir = tmp_path_factory.mktemp("saved")
-    train(run_dir, f"data.cache_dir={data_cache}", *COMMON)
-    return run_dir
 
 
 def _start_and_wait_for_stop(run_dir, data_cache, point: str):

@@ -6,10 +6,13 @@ place instead of polling for it.
 ``stop@after_save:2`` (SIGSTOP once checkpoint 2 is in place, so a test can look at the
 process tree before killing it). Actions: ``kill``, ``stop``, ``term`` (SIGTERM to this process), ``term_group`` and
 ``usr1_group`` (SIGTERM / SIGUSR1 to the whole process group, as ``timeout``, ``kill --
--PGID`` or a scheduler does). Points: ``after_step``,
+-PGID`` or a scheduler does), ``kill_parent`` (SIGKILL to the parent process: ``kill -9``
+of torchrun, from rank 0 at an exact point). Points: ``after_step``,
 ``mid_save`` (shards written, checkpoint not yet in place), ``after_save``, ``mid_output``
 (a command's staged output half written: ITERATION counts documents for rnope-preprocess,
-tensor groups for rnope-convert). Unset (the default) it does nothing.
+tensor groups for rnope-convert), ``building_data`` (iteration 0: rank 0 holds the data
+cache's build lock), ``in_gate`` (after each forward of the eval gate due at that
+iteration). Unset (the default) it does nothing.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import os
 import signal
 
 ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM, "term_group": signal.SIGTERM,
-           "usr1_group": signal.SIGUSR1}
-POINTS = ("after_step", "mid_save", "after_save", "mid_output")
+           "usr1_group": signal.SIGUSR1, "kill_parent": signal.SIGKILL}
+POINTS = ("after_step", "mid_save", "after_save", "mid_output", "building_data", "in_gate")
 
 
 def _planned() -> list[tuple[str, str, int]]:
@@ -45,5 +48,7 @@ def point(name: str, iteration: int) -> None:
         if where == name and when == iteration:
             if action.endswith("_group"):
                 os.killpg(os.getpgrp(), ACTIONS[action])
+            elif action == "kill_parent":
+                os.kill(os.getppid(), ACTIONS[action])
             else:
                 os.kill(os.getpid(), ACTIONS[action])

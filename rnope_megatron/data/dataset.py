@@ -12,14 +12,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import pathlib
+import sys
 from typing import Iterable, Iterator
 
 import numpy
 import torch
+import torch.distributed as dist
 
+from rnope_megatron.common import faults
+from rnope_megatron.common.dir_lock import DirectoryLock
 from rnope_megatron.data.corpora import FILLER, retrieval_documents, stdlib_documents
 from rnope_megatron.data.indexed import token_dtype, write_indexed
 from rnope_megatron.data.tokenizers import make_tokenizer
+
+CACHE_LOCK_NAME = ".rnope-data.lock"
 
 
 def documents_with_eod(texts: Iterable[str], tokenizer) -> Iterator[numpy.ndarray]:
@@ -154,10 +160,6 @@ def dataset_prefixes(d, shape: SampleShape, cache_dir: pathlib.Path, tokenizer) 
 def build_dataset(data, shape: SampleShape, cache_dir: pathlib.Path, num_samples: int):
     """The training GPTDataset (or BlendedDataset) of the ``data:`` section ``data`` with at
     least ``num_samples`` samples of ``shape``."""
-    import torch.distributed as dist
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
     tokenizer = make_tokenizer(data.tokenizer)
     if tokenizer.vocab_size > shape.vocab_size:
         raise ValueError(
@@ -165,6 +167,44 @@ def build_dataset(data, shape: SampleShape, cache_dir: pathlib.Path, num_samples
         )
     cache_dir.mkdir(parents=True, exist_ok=True)
     first = not dist.is_initialized() or dist.get_rank() == 0
+    # Runs share a data cache (they read it together), but two building one file at once
+    # write one .tmp name over each other and rename a mix into place; Megatron's index
+    # cache is written in place. Rank 0 builds under the cache's lock, a second run waits.
+    lock = DirectoryLock(cache_dir, CACHE_LOCK_NAME) if first else None
+    if lock is not None:
+        try:
+            lock.acquire_waiting(lambda holder: print(
+                f"data cache {cache_dir} is being built by {holder}: waiting for it", file=sys.stderr, flush=True))
+        except PermissionError:
+            lock = None  # a read-only shared cache: nobody builds there, reading needs no lock
+    try:
+        faults.point("building_data", 0)
+        train = _build(data, shape, cache_dir, num_samples, tokenizer, first)
+    finally:
+        if lock is not None:
+            lock.release()
+    if data.retrieval_loss == "answers" and (data.retrieval_fraction > 0 or data.source == "synthetic-retrieval"):
+        train = AnswerOnlyLoss(train, no_loss_offset(shape.vocab_size))
+    return train
+
+
+def batch_for(dataset, iteration: int, microbatch: int, train, dp_rank: int, dp_size: int) -> dict:
+    """Micro-batch ``microbatch`` of data-parallel rank ``dp_rank`` at 0-based ``iteration``
+    (batch sizes from the ``train:`` section): samples are laid out globally as
+    [iteration][dp rank][micro-batch][row]."""
+    t = train
+    per_rank = t.global_batch_size // dp_size
+    start = iteration * t.global_batch_size + dp_rank * per_rank + microbatch * t.micro_batch_size
+    samples = [dataset[start + i] for i in range(t.micro_batch_size)]
+    return {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}
+
+
+def _build(data, shape: SampleShape, cache_dir: pathlib.Path, num_samples: int, tokenizer, first: bool):
+    """Rank 0 builds what the cache lacks, then every rank opens it (Megatron's builder
+    does the same for its index cache: rank 0 first, the others after a barrier)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
     if first:
         prefixes, weights = dataset_prefixes(data, shape, cache_dir, tokenizer)
     if dist.is_initialized():
@@ -189,17 +229,4 @@ def build_dataset(data, shape: SampleShape, cache_dir: pathlib.Path, num_samples
         mid_level_dataset_surplus=0.05,
     )
     train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, 0, 0], lambda: True, config).build()
-    if data.retrieval_loss == "answers" and (data.retrieval_fraction > 0 or data.source == "synthetic-retrieval"):
-        train = AnswerOnlyLoss(train, no_loss_offset(shape.vocab_size))
     return train
-
-
-def batch_for(dataset, iteration: int, microbatch: int, train, dp_rank: int, dp_size: int) -> dict:
-    """Micro-batch ``microbatch`` of data-parallel rank ``dp_rank`` at 0-based ``iteration``
-    (batch sizes from the ``train:`` section): samples are laid out globally as
-    [iteration][dp rank][micro-batch][row]."""
-    t = train
-    per_rank = t.global_batch_size // dp_size
-    start = iteration * t.global_batch_size + dp_rank * per_rank + microbatch * t.micro_batch_size
-    samples = [dataset[start + i] for i in range(t.micro_batch_size)]
-    return {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}

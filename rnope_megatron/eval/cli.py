@@ -32,6 +32,7 @@ from rnope_megatron.eval import models, plots  # noqa: E402
 from rnope_megatron.eval.lm_eval_tasks import TOOL as LM_EVAL_TASKS_TOOL  # noqa: E402
 from rnope_megatron.eval.lm_eval_tasks import write_tasks  # noqa: E402
 from rnope_megatron.eval.loss import loss_command, write_loss_outputs  # noqa: E402
+from rnope_megatron.eval.memory import available_bytes, refuse_if_too_large
 from rnope_megatron.eval.scoring import by_length, default_batch_size, evaluate_grid  # noqa: E402
 from rnope_megatron.eval.tasks import build_grid, minimum_length  # noqa: E402
 
@@ -91,6 +92,12 @@ def retrieval_command(task: str, args) -> dict:
     too_short = [n for n in lengths if n < shortest]
     if too_short:
         raise ValueError(f"--lengths: {too_short} too short for a {task} prompt (at least {shortest} tokens)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+    # before any prompt is built: a length that cannot fit is refused, not run out of memory
+    refuse_if_too_large("--lengths", lengths, len(depths) * args.samples,
+                        lambda n: args.batch_size or default_batch_size(n), *model.widths, model.vocab_size,
+                        available_bytes())
     grid = build_grid(task, lengths, depths, args.samples, args.seed, model.tokenizer)
 
     def progress(row):

@@ -19,6 +19,7 @@ import torch
 
 from rnope_megatron.checkpoint.layout import resolve, saved_recipe
 from rnope_megatron.checkpoint.reader import load_model
+from rnope_megatron.common import safe_yaml
 from rnope_megatron.common.distributed import ensure_single_process
 from rnope_megatron.common.output import write_text
 from rnope_megatron.common.typed import build_dataclass
@@ -99,7 +100,9 @@ def _data_section(path) -> dict:
 
     path = catalog.resolve(path, option="--data")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = safe_yaml.load(path.read_text(encoding="utf-8"), f"--data {path}") or {}
+    except safe_yaml.YAMLTooLarge:
+        raise
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ValueError(f"--data {path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(raw, dict):

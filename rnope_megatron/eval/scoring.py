@@ -24,8 +24,10 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def score_cases(logits_fn: LogitsFn, cases: list, batch_size: int = 1) -> list[tuple[bool, float]]:
-    """``(correct, token_accuracy)`` per case. Cases of one call must share one length."""
+def score_cases(logits_fn: LogitsFn, cases: list, batch_size: int = 1, after_batch=None) -> list[tuple[bool, float]]:
+    """``(correct, token_accuracy)`` per case. Cases of one call must share one length.
+    ``after_batch()`` (if given) is called after every forward: a caller that must be
+    interruptible (a training-time gate under pre-emption) raises from it."""
     results = []
     for start in range(0, len(cases), max(1, batch_size)):
         chunk = cases[start:start + max(1, batch_size)]
@@ -40,15 +42,18 @@ def score_cases(logits_fn: LogitsFn, cases: list, batch_size: int = 1) -> list[t
             predicted = logits[row, len(case.ids) - n - 1:len(case.ids) - 1].argmax(dim=-1)
             hits = predicted.cpu() == torch.tensor(case.answer)
             results.append((bool(hits.all()), hits.double().mean().item()))
+        if after_batch is not None:
+            after_batch()
     return results
 
 
-def evaluate_grid(logits_fn: LogitsFn, grid: dict, batch_size: int = 1, progress=None) -> list[dict]:
+def evaluate_grid(logits_fn: LogitsFn, grid: dict, batch_size: int = 1, progress=None,
+                  after_batch=None) -> list[dict]:
     """One row per (length, depth) cell of ``grid`` (from :func:`tasks.build_grid`)."""
     rows = []
     for (length, depth), cases in grid.items():
         started = time.time()
-        scored = score_cases(logits_fn, cases, batch_size)
+        scored = score_cases(logits_fn, cases, batch_size, after_batch)
         rows.append({
             "length": length, "depth": depth, "samples": len(scored),
             "accuracy": sum(ok for ok, _ in scored) / len(scored),

@@ -9,6 +9,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from rnope_megatron.common import safe_yaml
 from rnope_megatron.common.typed import build_dataclass
 from rnope_megatron.model.pattern import LayerKind, LayerPattern
 
@@ -147,10 +148,8 @@ class RNoPEConfig:
 
     @classmethod
     def from_yaml(cls, path) -> "RNoPEConfig":
-        import yaml
-
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(yaml.safe_load(f) or {})
+            return cls.from_dict(safe_yaml.load(f.read(), str(path)) or {})
 
     # ---- derived values ----
     @property

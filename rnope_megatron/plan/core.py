@@ -100,6 +100,11 @@ def make_plan(recipe, path=None, nodes: int | None = None, gpus_per_node: int | 
     achieved = achieved_tflops if achieved_tflops is not None else DEFAULT_ACHIEVED_FRACTION * peak
     if not achieved > 0:
         raise UserError(f"--achieved-tflops {achieved} must be > 0")
+    # no GPU sustains more than its datasheet peak (FP8's where the recipe trains in FP8)
+    ceiling, kind = (device.fp8_tflops, "fp8") if t.fp8 is not None else (peak, "bf16")
+    if achieved > ceiling:
+        raise UserError(f"--achieved-tflops {achieved:g} is above the {device.name}'s dense {kind} peak "
+                        f"({ceiling:g} TFLOP/s): give the TFLOP/s one GPU sustains")
     tokens_per_step = t.global_batch_size * seq
     bubble = (p.pipeline - 1) / ((p.virtual_pipeline or 1) * setup.num_microbatches)
     step_time = tokens_per_step * hardware / (world * achieved * 1e12) * (1 + bubble)

@@ -24,6 +24,7 @@ import shutil
 import torch
 
 from rnope_megatron.common.output import staged_output
+from rnope_megatron.convert.byte_tokenizer import write_byte_tokenizer
 from rnope_megatron.convert.hf_dir import require_hf_extra
 from rnope_megatron.convert.streaming import layer_groups, megatron_to_hf
 from rnope_megatron.convert.targets import adapter_named
@@ -144,6 +145,9 @@ def export(model, cfg, adapter, recipe: dict, hf_dir, inputs: list, force: bool)
         export_hf_checkpoint(hf, export_dir=stage)
         if tokenizer != "bytes" and pathlib.Path(tokenizer).is_file():
             shutil.copy(tokenizer, stage / "tokenizer.json")
+        elif tokenizer == "bytes":  # as rnope-convert to-hf: readers tokenize as training did
+
+            write_byte_tokenizer(stage)
         quant = json.loads((stage / "hf_quant_config.json").read_text())["quantization"]
     print(f"wrote {hf_dir} ({adapter.model_type}, quant_algo {quant.get('quant_algo')}, "
           f"excluded {quant.get('exclude_modules')})", flush=True)

@@ -17,6 +17,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from rnope_megatron.common import safe_yaml
 from rnope_megatron.common.typed import build_dataclass
 from rnope_megatron.recipe.sections import Recipe, RecipeError
 from rnope_megatron.recipe.validation import validate
@@ -36,7 +37,9 @@ def _parse_scalar(dotted: str, text: str) -> Any:
     if text == "":
         return ""
     try:
-        return yaml.safe_load(text)
+        return safe_yaml.load(text, f"override {dotted}")
+    except safe_yaml.YAMLTooLarge as err:
+        raise RecipeError(str(err)) from None
     except yaml.YAMLError as err:
         raise RecipeError(f"override {dotted}: {text!r} is not a YAML value ({' '.join(str(err).split())})") from None
 
@@ -69,7 +72,9 @@ def _read_mapping(path: pathlib.Path, what: str) -> dict:
     except UnicodeDecodeError as err:
         raise RecipeError(f"{path}: not UTF-8 text (byte {err.start})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = safe_yaml.load(text, str(path))
+    except safe_yaml.YAMLTooLarge as err:
+        raise RecipeError(str(err)) from None
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if raw is None:

@@ -11,6 +11,11 @@ pre-emption; also when sent to the whole process group) save a checkpoint at the
 the current iteration and exit 0. A bad recipe, file or checkpoint ends in one line
 naming it, with a non-zero exit status, before any work is lost.
 
+Under torchrun every rank validates the recipe before any process group exists; a bad
+recipe is reported once, by rank 0, and the other ranks exit 1 silently (torchrun then
+adds its own summary of the failed workers). ``rnope-train --check RECIPE ...`` before
+launching prints it alone.
+
 ``--check``: validate the recipe and print each layer's attention and precision policy,
 then exit 0 without training (no process group, no data read). ``--gpu NAME`` checks it
 for that GPU instead of this machine's (an FP8 recipe needs one of the two: FP8 support
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from rnope_megatron.common.cli import one_line, one_line_errors, quiet_known_warnings
 
@@ -29,6 +35,7 @@ from rnope_megatron.common.cli import one_line, one_line_errors, quiet_known_war
 quiet_known_warnings()
 
 from rnope_megatron.common import gpus  # noqa: E402
+from rnope_megatron.eval.gate import refuse_gate_too_large  # noqa: E402
 from rnope_megatron.model.precision import Platform, plan_precision  # noqa: E402
 from rnope_megatron.recipe import RecipeError, catalog, load_recipe  # noqa: E402
 from rnope_megatron.recipe.validation import validate, validate_input_files  # noqa: E402
@@ -88,9 +95,17 @@ def main(argv=None) -> int:
             precision = plan_precision(recipe, platform)
             if recipe.logging.wandb is not None:
                 require_wandb()
+            refuse_gate_too_large(recipe, platform)  # not after hours of training, at the first gate
             if not check:
                 validate_input_files(recipe)
         except RecipeError as err:
+            if int(os.environ.get("RANK", "0")) != 0:
+                # Every rank reads the same recipe and finds the same error: rank 0 says it
+                # once. The others wait for torchrun to stop them when rank 0 fails (SIGTERM,
+                # default action): exiting first would have torchrun stop rank 0 before it
+                # printed. A minute bounds the wait should rank 0 not fail.
+                time.sleep(60)
+                raise SystemExit(1) from None
             raise SystemExit(f"rnope-train: bad recipe: {one_line(err)}") from None
 
         if check:

@@ -13,6 +13,8 @@ import json
 import os
 import pathlib
 import signal
+import sys
+import threading
 import time
 
 import torch
@@ -30,11 +32,12 @@ from rnope_megatron.recipe.validation import data_parallel_size
 from rnope_megatron.train.console import describe_attention
 from rnope_megatron.train.engine import Engine
 from rnope_megatron.train.metrics import MetricsLogger
-from rnope_megatron.train.run_lock import RunDirectoryBusy, RunDirectoryLock
+from rnope_megatron.train.run_lock import RunDirectoryBusy, TrainerLocks
 
 
 class StopRequest:
-    """Turns SIGTERM/SIGUSR1 into a flag checked between iterations."""
+    """Turns SIGTERM/SIGUSR1, and the death of the torchrun launcher, into a flag checked
+    between iterations (and between an eval gate's batches)."""
 
     def __init__(self):
         self.signal = None
@@ -43,6 +46,24 @@ class StopRequest:
 
     def _handle(self, signum, _frame):
         self.signal = signal.Signals(signum).name
+
+    def watch_launcher(self, poll_s: float = 1.0) -> None:
+        """Under torchrun, stop when the launcher dies. A ``kill -9`` of torchrun leaves its
+        workers running, holding the run's locks and training on (torchrun forwards
+        SIGTERM to them, but nothing forwards its own death). Workers are torchrun's
+        children: when it is gone they are re-parented, so ``getppid()`` changes."""
+        if "TORCHELASTIC_RUN_ID" not in os.environ:
+            return
+        launcher = os.getppid()
+
+        def watch():
+            while os.getppid() == launcher:
+                time.sleep(poll_s)
+            self.signal = f"the death of its launcher (pid {launcher})"
+            print(f"rnope-train: rank {os.environ.get('RANK', '?')}: launcher pid {launcher} is gone: saving a "
+                  f"checkpoint at the end of this iteration and stopping", file=sys.stderr, flush=True)
+
+        threading.Thread(target=watch, name="rnope-launcher-watch", daemon=True).start()
 
     def any_rank(self) -> bool:
         flag = torch.tensor([1.0 if self.signal else 0.0], device=compute_device())
@@ -57,16 +78,17 @@ def _pin_threads(cpu_threads: int | None) -> None:
         torch.set_num_threads(cpu_threads)
 
 
-def _lock_run_directory(recipe, rank0: bool) -> RunDirectoryLock | None:
-    """Rank 0 takes the run directory's lock; every rank learns whether it got it."""
-    lock = RunDirectoryLock(recipe.run_dir) if rank0 else None
-    holder = lock.try_acquire() if lock else None
-    busy = torch.tensor([1.0 if holder else 0.0], device=compute_device())
-    dist.all_reduce(busy)
-    if busy.item():
-        raise RunDirectoryBusy(f"run directory {recipe.run_dir} is in use by another rnope-train "
-                               f"({holder or 'see rank 0'}): stop that run or set another logging.run_dir")
-    return lock
+def _lock_run_directory(recipe, rank0: bool) -> TrainerLocks | None:
+    """Rank 0 locks the run and checkpoint directories; every rank learns whether it got
+    them (before anything is read or written there)."""
+    locks = TrainerLocks(recipe) if rank0 else None
+    busy = locks.try_acquire() if locks else None
+    flag = torch.tensor([1.0 if busy else 0.0], device=compute_device())
+    dist.all_reduce(flag)
+    if flag.item():
+        raise RunDirectoryBusy(busy or "the run or checkpoint directory is in use by another rnope-train "
+                                       "(see rank 0)")
+    return locks
 
 
 def restore(engine, recipe, rank0: bool) -> int:
@@ -114,8 +136,12 @@ def train(engine, dataset, logger, stop: StopRequest, start_iteration: int, gate
         evaluation = None
         if gate is not None and gate.due(iteration):
             started = time.time()
-            evaluation = gate.run()
+            evaluation = gate.run(iteration, stop.any_rank)  # gives way to a stop signal
             logger.exclude_time(time.time() - started)  # keep the gate's time out of tokens/s
+            if evaluation is None and rank0:
+                print(f"rnope-train: eval gate at iteration {iteration} cut short by "
+                      f"{stop.signal or 'a signal on another rank'}: saving first (not logged; "
+                      f"rnope-eval on the checkpoint gives its numbers)", flush=True)
         logged = (iteration % recipe.logging.interval == 0 or iteration == t.iters or result.skipped
                   or evaluation is not None)
         if logged:
@@ -153,6 +179,7 @@ def run(recipe) -> dict:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     dp = data_parallel_size(recipe, world_size)
     stop = StopRequest()
+    stop.watch_launcher()
     _pin_threads(recipe.train.cpu_threads)
     initialize_parallel(recipe.parallel, seed=recipe.train.seed)
     rank0 = dist.get_rank() == 0
