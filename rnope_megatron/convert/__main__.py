@@ -1,12 +1,15 @@
 """``rnope-convert``: Megatron checkpoints <-> Hugging Face model directories.
 
-    rnope-convert to-hf CKPT_DIR OUT_DIR [--arch smollm3|cohere2] [--dtype bf16|fp32] [--force]
-    rnope-convert from-hf HF_DIR OUT_DIR [--force]
+    rnope-convert to-hf CKPT_DIR OUT_DIR [--arch smollm3|cohere2|llama|qwen3] [--dtype bf16|fp32] [--force]
+    rnope-convert from-hf HF_DIR OUT_DIR [--pattern SSSG --window W] [--force]
 
 to-hf streams: one layer's tensors are read from the checkpoint at a time and written out
 shard by shard (safetensors + index), so memory stays near one shard. from-hf writes a
 weights-only checkpoint plus ``model.yaml`` (the recipe's model section); continue
-training with ``checkpoint.load=OUT_DIR checkpoint.reset_optimizer=true``.
+training with ``checkpoint.load=OUT_DIR checkpoint.reset_optimizer=true``. ``--pattern`` /
+``--window`` retrofit the import into another layer pattern (e.g. a Llama into RNoPE-SWA):
+the weights carry over one to one, layers that become G stop using RoPE, S layers get the
+window; one line per layer says what changed.
 
 The output is written beside OUT_DIR and moved into place when complete. An OUT_DIR that
 is, contains or lies inside the input is refused; ``--force`` replaces only a previous
@@ -36,6 +39,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("from-hf", help="Hugging Face directory -> weights-only Megatron checkpoint")
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
+    p.add_argument("--pattern", help="retrofit into this layer pattern (e.g. SSSG); its length must divide the layers")
+    p.add_argument("--window", type=int, help="sliding window of the S layers (tokens, >= 1)")
     p.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     quiet_known_warnings()
@@ -45,7 +50,7 @@ def main(argv=None) -> int:
         if args.command == "to-hf":
             commands.to_hf(args.checkpoint, args.out_dir, args.arch, args.dtype, args.force, args.shard_mb)
         else:
-            commands.from_hf(args.hf_dir, args.out_dir, args.force)
+            commands.from_hf(args.hf_dir, args.out_dir, args.force, args.pattern, args.window)
     return 0
 
 

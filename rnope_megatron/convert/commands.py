@@ -19,6 +19,7 @@ from rnope_megatron.config import DTYPES, RNoPEConfig
 from rnope_megatron.convert.targets import adapter_named, adapter_of
 from rnope_megatron.convert.hf_dir import HFWeights, Progress, ShardedWriter, read_config, require_hf_extra
 from rnope_megatron.convert.output import staged_output
+from rnope_megatron.convert.retrofit import retrofit
 from rnope_megatron.convert.streaming import convert, layer_groups, refuse_unused_hf_tensors
 
 EXPORT_DTYPES = ("bf16", "fp32")
@@ -85,8 +86,10 @@ def to_hf(ckpt: str, out: str, arch: str | None = None, dtype: str = "bf16", for
     return {"arch": adapter.model_type, "shards": len(writer.files), "bytes": writer.total}
 
 
-def from_hf(hf_dir: str, out: str, force: bool = False) -> dict:
-    """Import a Hugging Face directory as a weights-only checkpoint + ``model.yaml``."""
+def from_hf(hf_dir: str, out: str, force: bool = False, pattern: str | None = None,
+            window: int | None = None) -> dict:
+    """Import a Hugging Face directory as a weights-only checkpoint + ``model.yaml``;
+    ``pattern`` / ``window`` retrofit it into another layer pattern (:mod:`.retrofit`)."""
     from rnope_megatron.checkpoint.weights_only import write_weights_checkpoint
     from rnope_megatron.distributed import ensure_single_process
 
@@ -94,7 +97,7 @@ def from_hf(hf_dir: str, out: str, force: bool = False) -> dict:
     hf_path = pathlib.Path(hf_dir)
     hf = read_config(hf_path)
     adapter = adapter_of(hf)
-    cfg = adapter.from_hf(hf)
+    cfg, changes = retrofit(adapter.from_hf(hf), pattern, window)  # refusals come before any output
     weights = HFWeights(hf_path)
     refuse_unused_hf_tensors(adapter, cfg, weights.names())
     final_dir = pathlib.Path(out).resolve()
@@ -110,6 +113,8 @@ def from_hf(hf_dir: str, out: str, force: bool = False) -> dict:
         ensure_single_process()
         write_weights_checkpoint(cfg, state, stage, recipe)
         (stage / "model.yaml").write_text(yaml.safe_dump({"model": recipe["model"]}, sort_keys=False))
+    for line in changes:
+        print(line)
     print(f"wrote {out}: weights-only checkpoint + model.yaml ({adapter.model_type}, pattern {cfg.pattern}); "
           f"continue with checkpoint.load={out} checkpoint.reset_optimizer=true")
     return {"arch": adapter.model_type, "pattern": cfg.pattern}
