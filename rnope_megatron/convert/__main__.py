@@ -1,12 +1,15 @@
 """``rnope-convert``: Megatron checkpoints <-> Hugging Face model directories.
 
-    rnope-convert to-hf CKPT_DIR OUT_DIR [--arch smollm3|cohere2] [--dtype bf16|fp32|fp16] [--force]
-    rnope-convert from-hf HF_DIR OUT_DIR [--force]
+    rnope-convert to-hf CKPT_DIR OUT_DIR [--arch smollm3|cohere2|llama|qwen3] [--dtype bf16|fp32|fp16] [--force]
+    rnope-convert from-hf HF_DIR OUT_DIR [--pattern SSSG --window W] [--force]
 
 to-hf streams: one layer's tensors are read from the checkpoint at a time and written out
 shard by shard (safetensors + index), so memory stays near one shard. from-hf writes a
 weights-only checkpoint plus ``model.yaml`` (the recipe's model section); continue
-training with ``checkpoint.load=OUT_DIR checkpoint.reset_optimizer=true``.
+training with ``checkpoint.load=OUT_DIR checkpoint.reset_optimizer=true``. ``--pattern`` /
+``--window`` retrofit the import into another layer pattern (e.g. a Llama into RNoPE-SWA):
+the weights carry over one to one, layers that become G stop using RoPE, S layers get the
+window; one line per layer says what changed.
 
 to-hf exports in the checkpoint's own precision (what it was trained or imported in)
 unless --dtype says otherwise.
@@ -47,13 +50,15 @@ def main(argv=None) -> int:
     p = sub.add_parser("from-hf", help="Hugging Face directory -> weights-only Megatron checkpoint")
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
+    p.add_argument("--pattern", help="retrofit into this layer pattern (e.g. SSSG); its length must divide the layers")
+    p.add_argument("--window", type=int, help="sliding window of the S layers (tokens, >= 1)")
     p.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     with one_line_errors("rnope-convert"):  # SIGTERM in a staged write: removed, one line
         if args.command == "to-hf":
             commands.to_hf(args.checkpoint, args.out_dir, args.arch, args.dtype, args.force, args.shard_mb)
         else:
-            commands.from_hf(args.hf_dir, args.out_dir, args.force)
+            commands.from_hf(args.hf_dir, args.out_dir, args.force, args.pattern, args.window)
     return 0
 
 

@@ -69,8 +69,16 @@ class HFConfig:
         theta = params.get("rope_theta", self.values.get("rope_theta"))
         if theta is None:
             raise ValueError(f"{self.source} has no rope_theta (neither top-level nor in rope_parameters)")
-        if params.get("rope_type", "default") != "default":
-            raise ValueError(f"RoPE scaling {params.get('rope_type')!r} cannot be represented (no RoPE rescaling here)")
+        # transformers 4.x kept the scaling apart, in rope_scaling: {rope_type|type, factor..}
+        legacy = self.values.get("rope_scaling") or {}
+        for field, scaling in (("rope_parameters.rope_type", params), ("rope_scaling.rope_type", legacy)):
+            if not isinstance(scaling, dict):
+                raise ValueError(f"{self.source}: field {field.split('.')[0]!r} must be an object, got {scaling!r}")
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind != "default":
+                # llama3 / yarn / linear rescale frequencies per band; our RoPE has one base
+                raise ValueError(f"{self.source}: field {field} is {kind!r}: RoPE scaling {kind!r} cannot be "
+                                 "represented (our RoPE has one base and no frequency rescaling)")
         if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
             raise ValueError(f"{self.source}: rope_theta must be a positive number, got {theta!r}")
         return float(theta)
@@ -101,6 +109,8 @@ class HFAdapter:
     """The ``*ForCausalLM`` class transformers loads."""
     rope_interleaved: ClassVar[bool]
     """Interleaved RoPE pairs (0,1),(2,3).. (True) or halves (i, i+d/2) (False)."""
+    qk_norm: ClassVar[bool] = False
+    """The target has per-head q/k norms (its ``config_to_hf`` checks which layers)."""
 
     def config_from_hf(self, hf: HFConfig) -> RNoPEConfig:
         raise NotImplementedError
@@ -119,7 +129,7 @@ class HFAdapter:
 
     def to_hf(self, cfg: RNoPEConfig) -> dict:
         """``config.json`` dict for ``cfg``; refuses what the target cannot represent."""
-        if cfg.qk_norm_local or cfg.qk_norm_global:
+        if not self.qk_norm and (cfg.qk_norm_local or cfg.qk_norm_global):
             raise ValueError(f"{self.model_type} has no QK-norm; this model uses it")
         pattern = cfg.layer_pattern
         thetas = {cfg.rope_theta_for(pattern.kind(n)) for n in range(1, cfg.num_layers + 1)} - {None}

@@ -32,6 +32,7 @@ from rnope_megatron.common.output import check_output, staged_output
 from rnope_megatron.convert.byte_tokenizer import write_byte_tokenizer
 from rnope_megatron.convert.hf_dir import HFWeights, Progress, ShardedWriter, read_config, require_hf_extra
 from rnope_megatron.convert.preflight import check_config_against_weights, check_head_layout
+from rnope_megatron.convert.retrofit import retrofit
 from rnope_megatron.convert.streaming import convert, layer_groups, refuse_unused_hf_tensors
 from rnope_megatron.convert.targets import adapter_named, adapter_of
 from rnope_megatron.data.tokenizers import make_tokenizer
@@ -118,15 +119,17 @@ def to_hf(ckpt: str, out: str, arch: str | None = None, dtype: str | None = None
     return {"arch": adapter.model_type, "shards": len(writer.files), "bytes": writer.total}
 
 
-def from_hf(hf_dir: str, out: str, force: bool = False) -> dict:
-    """Import a Hugging Face directory as a weights-only checkpoint + ``model.yaml``."""
+def from_hf(hf_dir: str, out: str, force: bool = False, pattern: str | None = None,
+            window: int | None = None) -> dict:
+    """Import a Hugging Face directory as a weights-only checkpoint + ``model.yaml``;
+    ``pattern`` / ``window`` retrofit it into another layer pattern (:mod:`.retrofit`)."""
     require_hf_extra()
     hf_path = pathlib.Path(hf_dir)
     check_output(out, [hf_path], force)
     hf = read_config(hf_path)
     check_head_layout(hf, str(hf_path / "config.json"))
     adapter = adapter_of(hf)
-    cfg = adapter.from_hf(hf)
+    cfg, changes = retrofit(adapter.from_hf(hf), pattern, window)  # refusals come before any output
     weights = HFWeights(hf_path)
     # before anything is allocated: the config's sizes are the tensors' sizes
     check_config_against_weights(cfg, weights.shapes(), {k: str(hf_path / v) for k, v in weights.file_of.items()},
@@ -147,6 +150,8 @@ def from_hf(hf_dir: str, out: str, force: bool = False) -> dict:
         ensure_single_process()
         write_weights_checkpoint(cfg, state, stage, recipe)
         (stage / "model.yaml").write_text(yaml.safe_dump({"model": recipe["model"]}, sort_keys=False))
+    for line in changes:
+        print(line)
     print(f"wrote {out}: weights-only checkpoint + model.yaml ({adapter.model_type}, pattern {cfg.pattern}); "
           f"continue with checkpoint.load={out} checkpoint.reset_optimizer=true")
     return {"arch": adapter.model_type, "pattern": cfg.pattern}

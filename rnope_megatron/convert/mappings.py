@@ -128,3 +128,16 @@ class GatedMLP(Mapping):
 
     def to_megatron(self, tensors, shapes):
         return torch.cat(tensors, dim=0)
+
+
+class HeadNorm(Mapping):
+    """A per-head QK-norm weight ([head_dim], applied to every head's q or k). The norm
+    acts on each element of a head alike, so it follows the q/k rows' RoPE reordering."""
+
+    def to_hf(self, tensor, shapes):
+        return (tensor if shapes.rope_order is None else tensor[shapes.rope_order],)
+
+    def to_megatron(self, tensors, shapes):
+        if shapes.rope_order is None:
+            return tensors[0]
+        return tensors[0][torch.argsort(shapes.rope_order)]
