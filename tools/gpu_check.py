@@ -11,7 +11,9 @@
    (queries at the end of longer keys; FlexAttention with an offset mask) and causal
    attention against earlier chunks (SDPA's causal_lower_right), vs a float64 reference.
    (Multi-rank CP over NCCL needs two GPUs; the TE halo wrapper needs TE.)
-6. benchmarks/attention.py on CUDA (bf16), printed as a table (--quick: one length).
+6. benchmarks/attention.py on CUDA (bf16): S vs full attention against the FLOP ratio at
+   4k-128k (32k and 64k included), printed as a table (--quick: 32k only); and the MFU of
+   the 1B recipe's layer shape (``check_layer_mfu``).
 7. With ``--te`` (Transformer Engine installed): the checks of ``tools/gpu_check_te.py``
    (te vs portable, rnope-train on te in bf16 and FP8 with a resume, the refusal of FP8
    attention on sliding layers, TE's backend per layer).
@@ -110,6 +112,40 @@ def check_model(results):
         shutdown_parallel()
 
 
+def check_layer_mfu(results):
+    """MFU of the 1B recipe's layer shape: one SSSG block in bf16 on this GPU, fwd+bwd at 8k."""
+    import dataclasses
+
+    import yaml
+
+    from rnope_megatron import ParallelLayout, RNoPEConfig, build_model
+    from rnope_megatron.common import gpus
+    from rnope_megatron.common.distributed import initialize_parallel, shutdown_parallel
+    from rnope_megatron.model.flops import training_flops_per_token
+
+    shape = yaml.safe_load((ROOT / "recipes" / "models" / "llama-1b-like.yaml").read_text())
+    cfg = dataclasses.replace(RNoPEConfig(**shape), num_layers=4, max_seq_length=8192)
+    seq = 8192
+    initialize_parallel(ParallelLayout())
+    try:
+        model = build_model(cfg, cfg.to_transformer_config(params_dtype="bf16")).cuda()
+        ids = torch.randint(0, cfg.vocab_size, (1, seq), device="cuda")
+        pos = torch.arange(seq, device="cuda").unsqueeze(0)
+        for step in range(4):  # the first steps compile Flex's kernels and warm the allocator
+            if step == 1:
+                torch.cuda.synchronize()
+                start = time.time()
+            model(ids, pos, None).float().sum().backward()
+        torch.cuda.synchronize()
+        seconds = (time.time() - start) / 3
+        tflops = training_flops_per_token(cfg, seq) * seq / seconds / 1e12
+        peak = (gpus.detect() or gpus.by_name("h100")).bf16_tflops
+        results.append((f"1B layer shape x4 (SSSG) bf16 L=8k: {tflops:.0f} TFLOP/s, MFU", tflops / peak,
+                        math.isfinite(tflops)))
+    finally:
+        shutdown_parallel()
+
+
 def check_compat(results):
     """The CPU compat layer stays off when CUDA is available."""
     from rnope_megatron.compat import cpu as compat
@@ -161,7 +197,7 @@ def main():
     sys.path.insert(0, str(ROOT / "tools"))
     import gpu_check_te
 
-    checks = [check_compat, check_flex, check_offset_kernels, check_model]
+    checks = [check_compat, check_flex, check_offset_kernels, check_model, check_layer_mfu]
     if args.cpu_reference or args.dry_run:
         checks.append(functools.partial(check_trainer, reference=args.cpu_reference))
     if args.te or args.dry_run:
@@ -192,7 +228,7 @@ def main():
     for name, err, ok in results:
         print(f"{name:<58}{err:>14.2e}  {'yes' if ok else 'NO'}")
     sys.stdout.flush()
-    lens = ["32768"] if args.quick else ["4096", "16384", "65536", "131072"]
+    lens = ["32768"] if args.quick else ["4096", "16384", "32768", "65536", "131072"]
     bench = subprocess.run([sys.executable, "benchmarks/attention.py", "--device", "cuda", "--dtype", "bfloat16",
                             "--window", "4096", "--ratio", "32", "--heads", "32", "--head-dim", "128",
                             "--seq-lens", *lens, "--png", os.path.join(os.environ.get("OUT", "/tmp"), "gpu_bench.png")])
