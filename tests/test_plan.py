@@ -9,7 +9,7 @@ import pytest
 
 from rnope_megatron.model.config import RNoPEConfig
 from rnope_megatron.model.flops import forward_flops_breakdown, training_flops_per_token
-from rnope_megatron.plan import make_plan
+from rnope_megatron.plan.core import make_plan
 from rnope_megatron.recipe import RecipeError, load_recipe
 from rnope_megatron.recipe.validation import validate
 from tests.trainer import ROOT, console_script

@@ -21,7 +21,8 @@ from rnope_megatron.common.cli import one_line, one_line_errors, quiet_known_war
 # missing on CPU, ...) before the imports below bring Megatron in and print them.
 quiet_known_warnings()
 
-from rnope_megatron.plan import make_plan, render  # noqa: E402
+from rnope_megatron.plan.core import make_plan  # noqa: E402
+from rnope_megatron.plan.report import render  # noqa: E402
 from rnope_megatron.plan.core import resolve_cluster  # noqa: E402
 from rnope_megatron.recipe import RecipeError, catalog, load_recipe  # noqa: E402
 from rnope_megatron.recipe.validation import validate  # noqa: E402
