@@ -16,7 +16,8 @@ TIER_OF_FILE = {
     "distributed": ("test_distributed", "test_context_parallel", "test_checkpoint_layout"),
     "cli": ("test_train", "test_recipe", "test_crash_safety", "test_cli", "test_convert_output", "test_convert",
             "test_eval", "test_plan", "test_plan_memory", "test_slurm_kit", "test_benchmarks", "test_recipe_catalog",
-            "test_wandb_logging", "test_reliability_outputs", "test_reliability_runs", "test_convert_llama"),
+            "test_wandb_logging", "test_reliability_outputs", "test_reliability_runs", "test_convert_llama",
+            "test_train_documents"),
     "slow": ("test_quantize",),
 }
 TIERS = tuple(TIER_OF_FILE)

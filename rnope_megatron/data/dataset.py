@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import pathlib
 import sys
 from typing import Iterable, Iterator
@@ -24,6 +25,7 @@ from rnope_megatron.common.dir_lock import DirectoryLock
 from rnope_megatron.data.corpora import FILLER, retrieval_documents, stdlib_documents
 from rnope_megatron.data.indexed import token_dtype, write_indexed
 from rnope_megatron.data.tokenizers import make_tokenizer
+from rnope_megatron.model.build import crossing_predictions
 
 CACHE_LOCK_NAME = ".rnope-data.lock"
 
@@ -38,8 +40,9 @@ def documents_with_eod(texts: Iterable[str], tokenizer) -> Iterator[numpy.ndarra
         yield doc
 
 
-def retrieval_token_documents(documents, tokenizer, length: int, no_loss_offset: int = 0) -> Iterator[numpy.ndarray]:
-    """Token arrays of retrieval cases of exactly ``length`` tokens each, the last one the
+def retrieval_token_documents(documents, tokenizer, length, no_loss_offset: int = 0) -> Iterator[numpy.ndarray]:
+    """Token arrays of retrieval cases of exactly ``length`` tokens each (a tuple of
+    lengths: taken in turn, see :func:`retrieval_case_lengths`), the last one the
     end-of-document id: haystack (the repeated filler) with the needle at the case's
     depth, question, answer and tail, the pieces tokenized apart as ``rnope-eval`` builds
     its prompts. Cases of a whole training sequence (``length = seq_length``) line up with
@@ -49,10 +52,11 @@ def retrieval_token_documents(documents, tokenizer, length: int, no_loss_offset:
     the answer's is stored plus that offset: the mark :class:`AnswerOnlyLoss` turns into a
     zero loss mask."""
     dtype = token_dtype(2 * no_loss_offset if no_loss_offset else tokenizer.vocab_size)
+    lengths = (length,) if isinstance(length, int) else tuple(length)
     # at least `length` characters: a token is at least one character
-    filler = numpy.asarray(tokenizer.tokenize_array(FILLER * (length // len(FILLER) + 2)),
+    filler = numpy.asarray(tokenizer.tokenize_array(FILLER * (max(lengths) // len(FILLER) + 2)),
                            dtype=numpy.int64)
-    for doc in documents:
+    for doc, length in zip(documents, itertools.cycle(lengths)):
         needle, question, answer, tail = (numpy.asarray(tokenizer.tokenize_array(part), dtype=numpy.int64)
                                           for part in (doc.needle, doc.question, doc.answer, doc.tail))
         room = max(0, length - 1 - needle.size - question.size - answer.size - tail.size)
@@ -60,6 +64,26 @@ def retrieval_token_documents(documents, tokenizer, length: int, no_loss_offset:
         prompt = numpy.concatenate([filler[:cut], needle, filler[cut:room], question])
         yield numpy.concatenate([prompt + no_loss_offset, answer, tail + no_loss_offset,
                                  [tokenizer.eod + no_loss_offset]]).astype(dtype)
+
+
+def retrieval_case_lengths(seq_length: int, document_mask: bool, longest_bare_case: int) -> tuple[int, ...]:
+    """Lengths of the retrieval mix's cases. Without document masking one case per sample
+    (an earlier case's needle would be a distractor the question can see). With it, two
+    cases of half a sample each, when a half holds at least as much haystack as the
+    longest case has needle, question and answer (``longest_bare_case`` tokens): the mix
+    then trains what document masking must get right (a second document that cannot see
+    the first's needle). The halves are equal because Megatron shuffles documents before
+    cutting samples: cases of one length stay aligned with samples in any order, so no
+    case is cut (a case's tail without its needle would teach guessing)."""
+    if not document_mask or seq_length % 2 or seq_length // 2 < 2 * longest_bare_case:
+        return (seq_length,)
+    return (seq_length // 2,)
+
+
+def longest_bare_case(tokenizer, tasks, seed: int, probe: int = 64) -> int:
+    """Tokens of the longest of the first ``probe`` retrieval cases without haystack."""
+    return max(1 + sum(len(tokenizer.tokenize_array(part)) for part in (c.needle, c.question, c.answer, c.tail))
+               for c in retrieval_documents(probe, seed, tuple(tasks)))
 
 
 def no_loss_offset(vocab_size: int) -> int:
@@ -140,11 +164,15 @@ def dataset_prefixes(d, shape: SampleShape, cache_dir: pathlib.Path, tokenizer) 
         share = 1.0 if d.source == "synthetic-retrieval" else d.retrieval_fraction
         count = min(200_000, max(2000, int(shape.planned_samples * share * 1.1)))
         offset = no_loss_offset(shape.vocab_size) if d.retrieval_loss == "answers" else 0
+        lengths = retrieval_case_lengths(t.seq_length, d.document_mask,
+                                         longest_bare_case(tokenizer, d.retrieval_tasks, t.seed) if d.document_mask else 0)
+        count *= t.seq_length // sum(lengths)  # cases per sample
         retrieval = _ensure(
-            cache_dir / (f"retrieval-{tag}-{'+'.join(d.retrieval_tasks)}-{t.seq_length}-{count}-seed{t.seed}" + (f"-answers{offset}" if offset else "")),
+            cache_dir / (f"retrieval-{tag}-{'+'.join(d.retrieval_tasks)}-{'+'.join(map(str, lengths))}-{count}"
+                         f"-seed{t.seed}" + (f"-answers{offset}" if offset else "")),
             lambda: retrieval_documents(count, t.seed, tuple(d.retrieval_tasks)),
             tokenizer,
-            lambda docs, tok: retrieval_token_documents(docs, tok, t.seq_length, offset),
+            lambda docs, tok: retrieval_token_documents(docs, tok, lengths, offset),
             2 * offset if offset else None,
         )
         if d.source == "synthetic-retrieval":
@@ -191,12 +219,29 @@ def build_dataset(data, shape: SampleShape, cache_dir: pathlib.Path, num_samples
 def batch_for(dataset, iteration: int, microbatch: int, train, dp_rank: int, dp_size: int) -> dict:
     """Micro-batch ``microbatch`` of data-parallel rank ``dp_rank`` at 0-based ``iteration``
     (batch sizes from the ``train:`` section): samples are laid out globally as
-    [iteration][dp rank][micro-batch][row]."""
+    [iteration][dp rank][micro-batch][row]. With document masking (samples carrying
+    Megatron's ``cu_seqlens``) the batch also holds ``cu_seqlens`` [rows, L + 1] (padded
+    with L, as Megatron pads it) and the loss mask drops each prediction across a
+    document boundary (:func:`sample_documents`)."""
     t = train
     per_rank = t.global_batch_size // dp_size
     start = iteration * t.global_batch_size + dp_rank * per_rank + microbatch * t.micro_batch_size
     samples = [dataset[start + i] for i in range(t.micro_batch_size)]
-    return {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}
+    batch = {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}
+    if "cu_seqlens" in samples[0]:
+        batch["cu_seqlens"] = torch.stack([s["cu_seqlens"] for s in samples])
+        for row, sample in enumerate(samples):
+            crossing = crossing_predictions(sample_documents(sample["cu_seqlens"]), batch["tokens"].shape[1])
+            batch["loss_mask"][row, crossing] = 0
+    return batch
+
+
+def sample_documents(cu_seqlens: torch.Tensor) -> list[int]:
+    """One sample's document boundaries [0, e_1, ..., L] from Megatron's ``cu_seqlens``
+    (``GPTDataset`` with ``inter_document_masking`` pads it to L + 1 entries with L)."""
+    values = cu_seqlens.tolist()
+    length = values[-1]
+    return [v for v in values if v < length] + [length]
 
 
 def _build(data, shape: SampleShape, cache_dir: pathlib.Path, num_samples: int, tokenizer, first: bool):
@@ -222,9 +267,13 @@ def _build(data, shape: SampleShape, cache_dir: pathlib.Path, num_samples: int, 
         split="100,0,0",
         path_to_cache=str(cache_dir / "index-cache"),
         tokenizer=tokenizer,
-        reset_position_ids=False,
+        reset_position_ids=False,  # with documents, RoPE restarts per document in the layers
         reset_attention_mask=False,
-        eod_mask_loss=False,
+        # Document masking: Megatron returns each sample's boundaries (cu_seqlens), and the
+        # EOD's prediction of the next document's first token is not trained (what
+        # eod_mask_loss masks; batch_for also drops boundaries of documents without an EOD).
+        inter_document_masking=data.document_mask,
+        eod_mask_loss=data.document_mask,
         create_attention_mask=False,  # causality is built into the attention kernels
         mid_level_dataset_surplus=0.05,
     )

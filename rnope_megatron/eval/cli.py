@@ -6,6 +6,8 @@
     rnope-eval passkey --hf DIR ...        (an rnope-convert export, run by transformers)
     rnope-eval loss --checkpoint DIR (--input-ids FILE | --data FILE --length N [--samples N])
                     [--json [FILE]] [--png FILE]
+    rnope-eval loss --checkpoint DIR --input-ids FILE --document-mask [--eod ID] --json
+                    (packed documents that do not see each other, as document-masked training)
 
 passkey / niah: accuracy per (length, depth) = share of samples whose greedy answer is
 exactly the hidden key (see :mod:`rnope_megatron.eval.scoring`); lengths in tokens, ``k`` =
@@ -148,7 +150,12 @@ def _table(result: dict) -> str:
 
 def loss_main(args) -> dict:
     check_file_outputs(args, [path for path in (args.checkpoint, args.input_ids, args.data) if path])
-    result = loss_command(args.checkpoint, args.input_ids, args.data, args.length, args.samples, args.seed)
+    if args.document_mask and not args.input_ids:
+        raise ValueError("--document-mask needs --input-ids FILE (packed rows of documents, each ended by the EOD id)")
+    if args.eod is not None and not args.document_mask:
+        raise ValueError("--eod is used only with --document-mask")
+    result = loss_command(args.checkpoint, args.input_ids, args.data, args.length, args.samples, args.seed,
+                          args.document_mask, args.eod)
     write_loss_outputs(result, args.json if args.json not in (None, "-") else None, args.png,
                        f"per-position loss: {pathlib.Path(args.checkpoint).name}")
     return result
@@ -180,6 +187,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sample order with --data")
     p.add_argument("--json", nargs="?", const="-", help="write JSON to FILE (no FILE: print it)")
     p.add_argument("--png", help="per-position loss PNG")
+    p.add_argument("--document-mask", action="store_true",
+                   help="rows are packed documents (each ended by the EOD id): each sees only itself, positions "
+                        "restart per document, the EOD's prediction of the next document is not counted")
+    p.add_argument("--eod", type=int, help="end-of-document id with --document-mask (default: the checkpoint's tokenizer's)")
     p = sub.add_parser("lm-eval-tasks", help="the retrieval prompts as an lm-evaluation-harness task directory")
     p.add_argument("--out", required=True, help="directory for the task YAML and JSON-lines files")
     p.add_argument("--force", action="store_true", help="replace a previous lm-eval-tasks output (its files only)")

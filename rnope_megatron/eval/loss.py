@@ -24,6 +24,7 @@ from rnope_megatron.common.distributed import ensure_single_process
 from rnope_megatron.common.output import write_text
 from rnope_megatron.common.typed import build_dataclass
 from rnope_megatron.data.dataset import SampleShape, build_dataset
+from rnope_megatron.data.tokenizers import make_tokenizer
 from rnope_megatron.eval.models import quiet_checkpoint_reading
 from rnope_megatron.eval.plots import loss_curve
 from rnope_megatron.model.build import run_model
@@ -82,6 +83,39 @@ def per_position_loss(model, ids: torch.Tensor) -> torch.Tensor:
         return run_model(model, tokens, labels).double().mean(dim=0)
 
 
+def eod_boundaries(row: torch.Tensor, eod: int) -> list[int]:
+    """Document boundaries [0, e_1, ..., L] of one packed row: a document is its tokens
+    followed by the end-of-document id, so each EOD (but a last one) ends one."""
+    length = row.numel()
+    ends = [int(p) + 1 for p in (row == eod).nonzero().flatten() if int(p) + 1 < length]
+    return [0, *ends, length]
+
+
+def document_masked_loss(model, ids: torch.Tensor, eod: int) -> tuple[torch.Tensor, float, int]:
+    """Loss of packed rows whose documents do not see each other: every document attends
+    to itself only, with positions from 0 (as document-masked training runs it), and the
+    EOD's prediction of the next document is not counted. Returns the loss per position
+    within a document (float64, averaged over the trained predictions at that position),
+    the mean loss and the number of trained predictions."""
+    tokens, labels = ids[:, :-1], ids[:, 1:]
+    documents = [eod_boundaries(row, eod) for row in tokens]
+    with torch.no_grad():
+        per_token = run_model(model, tokens, labels, documents=documents).double()
+    trained = tokens != eod
+    positions = torch.zeros_like(tokens)
+    for row, bounds in enumerate(documents):
+        for start, end in zip(bounds, bounds[1:]):
+            positions[row, start:end] = torch.arange(end - start)
+    sums = torch.zeros(tokens.shape[1], dtype=torch.float64).index_add_(0, positions[trained], per_token[trained])
+    counts = torch.zeros(tokens.shape[1], dtype=torch.float64).index_add_(
+        0, positions[trained], torch.ones_like(per_token[trained]))
+    if not trained.any():
+        raise ValueError(f"--document-mask: every position of the input is an end-of-document id ({eod})")
+    reached = int(counts.nonzero().max()) + 1  # the longest document's trained positions
+    curve = sums[:reached] / counts[:reached]
+    return curve, per_token[trained].mean().item(), int(trained.sum())
+
+
 def octave_bins(curve: torch.Tensor) -> list[dict]:
     """Mean loss over positions [2^k, 2^(k+1)) (position p predicts token p + 1; the first
     bin also holds position 0)."""
@@ -125,8 +159,22 @@ def dataset_ids(data_file, cfg, length: int, samples: int, seed: int) -> torch.T
     return torch.stack(rows).long()
 
 
-def loss_command(checkpoint, input_ids=None, data=None, length=None, samples=8, seed=0) -> dict:
-    """Mean loss and its per-position profile in octave bins (see module docstring)."""
+def checkpoint_eod(recipe: dict) -> int:
+    """The end-of-document id of the tokenizer a checkpoint was trained with."""
+    name = (recipe.get("data") or {}).get("tokenizer", "bytes")
+    if name != "bytes" and not pathlib.Path(name).is_file():
+        raise ValueError(f"--document-mask: the checkpoint's data.tokenizer {name} is not here "
+                         f"(give --eod ID, the end-of-document id)")
+    return make_tokenizer(name).eod
+
+
+def loss_command(checkpoint, input_ids=None, data=None, length=None, samples=8, seed=0,
+                 document_mask=False, eod=None) -> dict:
+    """Mean loss and its per-position profile in octave bins (see module docstring).
+    ``document_mask``: the rows are packed documents (each ended by the EOD id: ``eod``,
+    default the checkpoint's tokenizer's) run as document-masked training runs them;
+    ``loss`` and ``tokens`` count the trained predictions only and the profile is by
+    position within a document."""
     if bool(input_ids) == bool(data):
         raise ValueError("give exactly one of --input-ids FILE or --data FILE")
     if data is not None and (length is None or length < 2):
@@ -146,10 +194,16 @@ def loss_command(checkpoint, input_ids=None, data=None, length=None, samples=8, 
     if int(ids.max()) >= cfg.vocab_size:
         where = input_ids or f"--data {data}"
         raise ValueError(f"{where}: token id {int(ids.max())} >= model.vocab_size={cfg.vocab_size}")
-    curve = per_position_loss(model, ids)
-    result = {"loss": curve.mean().item(), "tokens": (ids.shape[1] - 1) * ids.shape[0],
-              "batch": ids.shape[0], "length": ids.shape[1], "trained_length": trained,
-              "per_position": octave_bins(curve)}
+    if document_mask:
+        eod = checkpoint_eod(saved_recipe(source)) if eod is None else eod
+        curve, mean, count = document_masked_loss(model, ids, eod)
+        result = {"loss": mean, "tokens": count, "document_mask": True, "eod": eod,
+                  "documents": sum(len(eod_boundaries(row, eod)) - 1 for row in ids[:, :-1])}
+    else:
+        curve = per_position_loss(model, ids)
+        result = {"loss": curve.mean().item(), "tokens": (ids.shape[1] - 1) * ids.shape[0]}
+    result.update({"batch": ids.shape[0], "length": ids.shape[1], "trained_length": trained,
+                   "per_position": octave_bins(curve)})
     if trained and ids.shape[1] - 1 > trained:
         result["loss_within_trained_length"] = curve[:trained].mean().item()
         result["loss_beyond_trained_length"] = curve[trained:].mean().item()

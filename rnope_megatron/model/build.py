@@ -107,7 +107,16 @@ def run_model(model, tokens: torch.Tensor, labels: torch.Tensor | None = None, d
     flat_labels = None if labels is None else labels.reshape(1, batch * seq)
     out = model(tokens.reshape(1, batch * seq), positions, None, labels=flat_labels,
                 packed_seq_params=packed)
+    if not _unwrapped(model).post_process:
+        return out  # a pipeline stage's hidden states [batch * seq, 1, h]: the next stage's input
     return out.reshape(batch, seq, *out.shape[2:])
+
+
+def _unwrapped(model):
+    """The GPTModel inside Megatron's DDP (and Float16Module) wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def pack_documents(documents, batch: int, seq: int, device=None):

@@ -151,6 +151,19 @@ class DataSection:
     retrieval predicts, and a loss on the rest drowns that signal in a small model)."""
     cache_dir: Optional[str] = None
     """Where built index caches and the default corpus go (default: <run dir>/data)."""
+    document_mask: bool = False
+    """Packed documents do not see each other: each token attends only to earlier tokens
+    of its own document (on sliding layers, within the window too), RoPE positions restart
+    at each document, and the prediction across a boundary (a document's end-of-document
+    token predicting the next one's first token) is not trained. The boundaries are
+    Megatron's own (``GPTDatasetConfig.inter_document_masking``); documents are what the
+    indexed dataset holds (each ends with the tokenizer's EOD); the retrieval mix then
+    packs two cases of half a sample each (when a half has room for a haystack). Under context
+    parallelism a micro-batch is one packed sequence (``train.micro_batch_size: 1``)."""
+    mean_document_length: Optional[int] = None
+    """Tokens per document assumed by ``rnope-plan`` to price document-masked attention when
+    the indexed dataset's document index cannot be read (None: read it, else price as
+    without masking)."""
 
 
 @dataclasses.dataclass

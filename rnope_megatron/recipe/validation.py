@@ -8,6 +8,7 @@ import pathlib
 import warnings
 from typing import Optional
 
+from rnope_megatron.attention.te_documents import te_thd_refusal
 from rnope_megatron.common.gpus import by_name
 from rnope_megatron.recipe.sections import EVAL_TASKS, RETRIEVAL_TASKS, Recipe, RecipeError
 
@@ -152,9 +153,39 @@ def validate_data(recipe: Recipe) -> None:
         raise RecipeError(f"data.retrieval_fraction={d.retrieval_fraction} must be within [0, 1]")
     if not d.retrieval_tasks or any(task not in RETRIEVAL_TASKS for task in d.retrieval_tasks):
         raise RecipeError(f"data.retrieval_tasks={d.retrieval_tasks!r}: give one or more of {list(RETRIEVAL_TASKS)}")
+    if d.mean_document_length is not None and (isinstance(d.mean_document_length, bool)
+                                                or not isinstance(d.mean_document_length, int)
+                                                or d.mean_document_length < 1):
+        raise RecipeError(f"data.mean_document_length={d.mean_document_length!r} must be a whole number >= 1")
+    if d.document_mask:
+        validate_document_mask(recipe)
     if d.tokenizer == "bytes" and recipe.model.vocab_size < 257:
         raise RecipeError(f"model.vocab_size={recipe.model.vocab_size} < 257 needed by data.tokenizer=bytes "
                           "(256 bytes + EOD)")
+
+
+def validate_document_mask(recipe: Recipe) -> None:
+    """``data.document_mask`` with the layout and backend: under context parallelism one
+    packed sequence per micro-batch; on te, the combinations Transformer Engine runs with
+    THD (packed) attention (the portable backend runs all of them)."""
+    p, t, m = recipe.parallel, recipe.train, recipe.model
+    if p.context > 1 and t.micro_batch_size != 1:
+        raise RecipeError(f"train.micro_batch_size={t.micro_batch_size}: with data.document_mask under "
+                          f"parallel.context={p.context} a micro-batch is one packed sequence (use 1)")
+    if t.backend != "te":
+        return
+    fp8_attention = t.fp8 is not None and t.fp8.attention != "off"
+    comm = dict(zip(m.layer_pattern.layers, m.cp_comm_types(p, backend="te")))
+    for kind, field in (("S", "parallel.context_comm_sliding"), ("G", "parallel.context_comm_global"),
+                        ("R", "parallel.context_comm_global")):
+        if kind not in comm:
+            continue
+        reason = te_thd_refusal(
+            sliding=kind == "S", fp8_attention=fp8_attention, cp_size=p.context, cp_comm_type=comm[kind],
+            heads_per_rank=m.num_attention_heads // p.tensor, groups_per_rank=max(1, m.query_groups // p.tensor))
+        if reason:
+            where = "train.fp8.attention" if fp8_attention else field
+            raise RecipeError(f"data.document_mask on train.backend=te, {where}: {reason}")
 
 
 def validate_input_files(recipe: Recipe) -> None:

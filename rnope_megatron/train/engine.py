@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 
 from rnope_megatron.common.distributed import compute_device
-from rnope_megatron.data.dataset import batch_for
+from rnope_megatron.data.dataset import batch_for, sample_documents
 from rnope_megatron.model.build import build_model, run_model
+from rnope_megatron.model.flops import pack_training_flops, training_flops_per_token
 from rnope_megatron.model.fusions import fusion_overrides
 from rnope_megatron.model.layout_invariant_init import fill_from_global, seeded_full_tensor
 from rnope_megatron.model.precision import Platform, plan_precision
@@ -43,6 +44,11 @@ class StepResult:
     loss: float
     tokens: int
     """Tokens the step processed (global batch x sequence length)."""
+    flops: float
+    """Model FLOPs the step did (document masking: each pack's attention per document)."""
+    documents: int | None
+    """Documents (pieces of documents at sample edges included) in the global batch, with
+    document masking; None without."""
     grad_norm: float
     lr: float
     skipped: bool
@@ -72,6 +78,10 @@ class Engine:
         # Last-stage ranks of TP rank 0 report; CP ranks hold different tokens, all report.
         self.reports_loss = self.last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
         self.cp_group = parallel_state.get_context_parallel_group() if recipe.parallel.context > 1 else None
+        # one rank per data-parallel replica counts its batch's FLOPs and documents
+        self.counts_work = (parallel_state.get_tensor_model_parallel_rank() == 0
+                            and parallel_state.get_pipeline_model_parallel_rank() == 0
+                            and parallel_state.get_context_parallel_rank() == 0)
 
     def _transformer_config(self):
         t, layout = self.recipe.train, self.recipe.parallel
@@ -176,15 +186,17 @@ class Engine:
         return t.global_batch_size // (t.micro_batch_size * self.dp_size)
 
     def _forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
+        batch = dict(next(data_iterator))
+        # document masking: the whole sequence's boundaries, also under CP (not split)
+        cu_seqlens = batch.pop("cu_seqlens", None)
         if self.cp_group is not None:
             # Megatron's load-balanced (2·CP chunks) split of the sequence; the RoPE
             # layers slice their frequencies the same way (attention.rotary.zigzag_rows).
             from megatron.core.utils import get_batch_on_this_cp_rank
 
-            batch = get_batch_on_this_cp_rank(dict(batch), False, self.cp_group)
-        tokens = batch["tokens"]
-        output = run_model(model, tokens, batch["labels"])
+            batch = get_batch_on_this_cp_rank(batch, False, self.cp_group)
+        documents = None if cu_seqlens is None else [sample_documents(row) for row in cu_seqlens.cpu()]
+        output = run_model(model, batch["tokens"], batch["labels"], documents=documents)
 
         def loss_func(per_token_loss):
             mask = batch["loss_mask"].to(per_token_loss.device).float()
@@ -213,10 +225,15 @@ class Engine:
 
         t = self.recipe.train
         device = compute_device()
-        micro = [
-            {k: v.to(device) for k, v in batch_for(dataset, iteration, m, self.recipe.train, self.dp_rank, self.dp_size).items()}
-            for m in range(self.num_microbatches)
-        ]
+        micro = [batch_for(dataset, iteration, m, self.recipe.train, self.dp_rank, self.dp_size)
+                 for m in range(self.num_microbatches)]
+        # FLOPs and documents of this rank's batch, counted once per data-parallel rank
+        work = torch.zeros(2, dtype=torch.float64, device=device)
+        if self.counts_work:
+            work += torch.tensor(self._batch_work(micro), dtype=torch.float64, device=device)
+        micro = [{k: v.to(device) for k, v in batch.items()} for batch in micro]
+        # a document-masked micro-batch runs as one packed row of micro_batch_size x seq_length
+        packed = self.recipe.data.document_mask
         iterators = [iter(micro) for _ in self.model]
         for chunk in self.model:
             chunk.zero_grad_buffer()
@@ -226,15 +243,17 @@ class Engine:
             data_iterator=iterators if len(self.model) > 1 else iterators[0],
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=self.num_microbatches,
-            seq_length=t.seq_length,
-            micro_batch_size=t.micro_batch_size,
+            # the shape pipeline stages exchange: [s, b, h] of the (packed) micro-batch
+            seq_length=t.seq_length * t.micro_batch_size if packed else t.seq_length,
+            micro_batch_size=1 if packed else t.micro_batch_size,
             forward_only=False,
         )
-        totals = torch.zeros(2, dtype=torch.float64, device=device)
+        totals = torch.zeros(4, dtype=torch.float64, device=device)
         if self.reports_loss:
             for item in losses:
-                totals += item["lm loss"].to(torch.float64)
-        # every rank learns the global loss: reporters contribute, the rest add zeros
+                totals[:2] += item["lm loss"].to(torch.float64)
+        totals[2:] = work
+        # every rank learns the global loss and work: reporters contribute, the rest zeros
         dist.all_reduce(totals)
         loss = (totals[0] / totals[1].clamp(min=1)).item()
         # Megatron's fp32/bf16 optimizers apply the update whatever the grad norm, so a
@@ -250,6 +269,24 @@ class Engine:
         return StepResult(
             # tokens processed (what tok/s and TFLOP/s count), not the loss-masked count:
             # an answers-only retrieval mix trains a few tokens of a whole sequence
-            loss=loss, tokens=t.global_batch_size * t.seq_length, grad_norm=grad_norm,
+            loss=loss, tokens=t.global_batch_size * t.seq_length, flops=totals[2].item(),
+            documents=int(totals[3].item()) if packed else None, grad_norm=grad_norm,
             lr=self.optimizer.param_groups[0]["lr"], skipped=skipped,
         )
+
+    def _batch_work(self, micro: list[dict]) -> tuple[float, int]:
+        """Training FLOPs and documents of micro-batches: with document masking each
+        sample's attention is priced per document (what the kernels do), else every
+        sample is one sequence."""
+        m, t = self.recipe.model, self.recipe.train
+        if "cu_seqlens" not in micro[0]:
+            samples = len(micro) * t.micro_batch_size
+            return samples * t.seq_length * training_flops_per_token(m, t.seq_length), 0
+        flops, documents = 0.0, 0
+        for batch in micro:
+            for row in batch["cu_seqlens"]:
+                bounds = sample_documents(row)
+                lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+                flops += pack_training_flops(m, lengths)
+                documents += len(lengths)
+        return flops, documents

@@ -124,7 +124,7 @@ def train(engine, dataset, logger, stop: StopRequest, start_iteration: int, gate
     while iteration < t.iters:
         result = engine.train_step(dataset, iteration)
         iteration += 1
-        logger.add_tokens(result.tokens)
+        logger.add_tokens(result.tokens, result.flops, result.documents)
         if result.skipped:
             skips += 1
             if skips > t.max_nan_skips:

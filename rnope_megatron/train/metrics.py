@@ -73,6 +73,8 @@ class MetricsLogger:
         self.start_iteration = start_iteration
         self.window_start = time.time()
         self.window_tokens = 0
+        self.window_flops = 0.0
+        self.window_documents = 0
         self.writer = None
         self.tensorboard_state = "off"
         self.wandb = None
@@ -107,8 +109,13 @@ class MetricsLogger:
         """Leave ``seconds`` (a checkpoint save) out of the current window's tokens/s."""
         self.window_start += seconds
 
-    def add_tokens(self, tokens: int) -> None:
+    def add_tokens(self, tokens: int, flops: float | None = None, documents: int | None = None) -> None:
+        """Count one step's tokens, its model FLOPs (default: tokens x the per-token
+        FLOPs of an unmasked sequence) and, with document masking, its documents."""
         self.window_tokens += tokens
+        self.window_flops += tokens * self.flops_per_token if flops is None else flops
+        if documents is not None:
+            self.window_documents += documents
 
     def log(self, iteration: int, loss: float, lr: float, grad_norm: float, skipped: bool,
             evaluation: dict | None = None, state_digest: str | None = None) -> dict:
@@ -117,7 +124,7 @@ class MetricsLogger:
         now = time.time()
         elapsed_window = max(now - self.window_start, 1e-9)
         tokens_per_s = self.window_tokens / elapsed_window
-        tflops = tokens_per_s * self.flops_per_token / 1e12 / self.world_size
+        tflops = self.window_flops / elapsed_window / 1e12 / self.world_size
         done = iteration - self.start_iteration
         eta = (now - self.start) / max(done, 1) * (self.total - iteration)
         record = {
@@ -132,12 +139,16 @@ class MetricsLogger:
             record["state_digest"] = state_digest
         if self.peak_tflops:
             record["mfu"] = round(tflops / self.peak_tflops, 4)
-        self.window_start, self.window_tokens = now, 0
+        if self.window_documents:  # document masking: how packed the window's samples were
+            record["mean_document_length"] = round(self.window_tokens / self.window_documents, 1)
+        self.window_start, self.window_tokens, self.window_flops, self.window_documents = now, 0, 0.0, 0
         if self.active:
             mfu = f"  mfu {record['mfu']:.1%}" if "mfu" in record else ""
+            documents = (f"  doc {record['mean_document_length']:,.0f} tok"
+                         if "mean_document_length" in record else "")
             print(
                 f"iter {iteration:6d}/{self.total}  loss {loss:.4f}  lr {lr:.3e}  grad_norm {grad_norm:.3f}  "
-                f"{tokens_per_s:,.0f} tok/s  {tflops:.3f} TFLOP/s/dev{mfu}  "
+                f"{tokens_per_s:,.0f} tok/s  {tflops:.3f} TFLOP/s/dev{mfu}{documents}  "
                 f"elapsed {_fmt_time(now - self.start)}  eta {_fmt_time(eta)}" + ("  [skipped]" if skipped else ""),
                 flush=True,
             )
