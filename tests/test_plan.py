@@ -5,6 +5,7 @@ the installed console script's exit status and output."""
 import json
 import subprocess
 
+import numpy
 import pytest
 
 from rnope_megatron.model.config import RNoPEConfig
@@ -85,7 +86,9 @@ def test_flops_equal_a_hand_count_for_a_small_mixed_shape():
 
 
 def test_planner_flops_equal_a_hand_count_for_the_8b_at_64k():
-    plan = make_plan(load_recipe(ROOT / "recipes" / "8b" / "64k.yaml"), ROOT / "recipes" / "8b" / "64k.yaml")
+    # whole sequences (the stage masks documents: priced per document, tested apart)
+    plan = make_plan(load_recipe(ROOT / "recipes" / "8b" / "64k.yaml", ["data.document_mask=false"]),
+                     ROOT / "recipes" / "8b" / "64k.yaml")
     h, L, W, V, seq = 4096, 32, 4096, 256000, 65536
     linear = 2 * (h * (h + 2 * 1024) + h * h + 3 * h * 14336)
     # keys per query, summed exactly: the first W-1 queries see i+1 keys, the rest W
@@ -102,7 +105,8 @@ def test_planner_flops_equal_a_hand_count_for_the_8b_at_64k():
 @pytest.mark.parametrize("stage, paper", [("64k", 1.51), ("128k", 1.92)])
 def test_predicted_speedup_of_the_8b_is_the_flop_bound(stage, paper):
     path = ROOT / "recipes" / "8b" / f"{stage}.yaml"
-    plan = make_plan(load_recipe(path), path)
+    # the paper's bound is for whole sequences: the stage's document masking off
+    plan = make_plan(load_recipe(path, ["data.document_mask=false"]), path)
     assert plan["baseline"]["source"].endswith(f"baseline-{stage}.yaml")
     # The paper's FLOP bound: linear 2(h(h+2kv)+h·h+3h·ffn) per layer, attention 4·h·span with
     # span L/2 (global) and W (sliding), LM head 2hV; 8 of 32 layers global in the hybrid
@@ -176,15 +180,17 @@ JSON_KEYS = {
     "flops_per_token", "attention_flops_per_token", "flops_by_component", "hardware_flops_per_token",
     "memory_per_gpu_gb", "usable_memory_gb", "memory_by_stage", "fits", "overflow",
     "achieved_tflops", "pipeline_bubble", "step_time_s", "tokens_per_s", "mfu",
-    "baseline", "predicted_speedup_vs_baseline",
+    "baseline", "predicted_speedup_vs_baseline", "documents",
 }
 
 
 def test_installed_script_prints_a_stable_json_object_and_exits_0_when_it_fits():
-    out = plan_cli(ROOT / "recipes" / "8b" / "128k.yaml", "--json", "--achieved-tflops", "400")
+    # whole sequences: the paper's FLOP bound (the stage's document masking off)
+    out = plan_cli(ROOT / "recipes" / "8b" / "128k.yaml", "--json", "--achieved-tflops", "400",
+                   "data.document_mask=false")
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
-    assert set(plan) == JSON_KEYS
+    assert set(plan) == JSON_KEYS and plan["documents"] is None
     assert plan["fits"] is True and plan["world_size"] == 256 and plan["layout"]["data"] == 4
     assert plan["predicted_speedup_vs_baseline"] == pytest.approx(1.92, rel=0.01)
     # 32 sequences x 131072 tokens at 400 TFLOP/s on 256 GPUs (+ the 1F1B bubble of PP 2)
@@ -214,8 +220,50 @@ def test_a_layout_that_does_not_fit_names_the_overflowing_component():
 
 
 def test_text_report_shows_the_layer_map_memory_and_speedup():
-    out = plan_cli(ROOT / "recipes" / "8b" / "64k.yaml")
+    out = plan_cli(ROOT / "recipes" / "8b" / "64k.yaml", "data.document_mask=false")
     assert out.returncode == 0, out.stderr
     assert "pipeline rank 0: chunk 0: layers 1-16 SSSGSSSGSSSGSSSG + embedding" in out.stdout
     assert "optimizer without the distributed optimizer" in out.stdout
     assert "predicted speed-up over the all-global RoPE baseline" in out.stdout and "x1.52" in out.stdout
+    # as shipped (documents masked, 2048-token documents assumed): the baseline attends
+    # within documents too, so the hybrid's FLOP advantage nearly vanishes
+    masked = plan_cli(ROOT / "recipes" / "8b" / "64k.yaml")
+    assert masked.returncode == 0, masked.stderr
+    assert "document masking: attention per document, mean" in masked.stdout
+    assert "lengths from data.mean_document_length=2048" in masked.stdout
+
+
+def test_document_masked_attention_is_priced_from_the_document_index(tmp_path):
+    """With data.document_mask rnope-plan reads the indexed dataset's document lengths and
+    prices attention per document: for documents of one length d (= the window's multiple
+    here) every simulated sequence is d-long pieces, so the price is pack_forward_flops of
+    those pieces; data.mean_document_length gives the same when the files are absent;
+    neither: priced as without masking, and said so."""
+    from rnope_megatron.data.indexed import write_indexed
+    from rnope_megatron.model.flops import pack_forward_flops
+
+    seq, doc = 8192, 1024
+    write_indexed(tmp_path / "docs", [numpy.full(doc, 7, dtype=numpy.int32)] * 200, 50_000)
+    common = ["data.source=indexed", f"data.paths=[{tmp_path / 'docs'}]", "data.weights=null", "data.document_mask=true",
+              "data.retrieval_fraction=0", "data.tokenizer=bytes", "model.vocab_size=50000"]
+    recipe = load_recipe("recipes/1b/pretrain-8k.yaml", common)
+    plan = make_plan(recipe)
+    # documents of one length, cut every seq tokens: each sequence is 8 whole documents
+    expected = 3 * pack_forward_flops(recipe.model, [doc] * (seq // doc)) / seq
+    assert plan["flops_per_token"] == pytest.approx(expected, rel=1e-9)
+    assert plan["documents"]["mean_document_length"] == doc
+    assert "document index" in plan["documents"]["source"]
+    unmasked = make_plan(load_recipe("recipes/1b/pretrain-8k.yaml", [*common, "data.document_mask=false"]))
+    assert plan["flops_per_token"] < unmasked["flops_per_token"] and unmasked["documents"] is None
+    assert plan["baseline"]["flops_per_token"] < unmasked["baseline"]["flops_per_token"]
+
+    by_field = make_plan(load_recipe("recipes/1b/pretrain-8k.yaml",
+                                     [*common[:1], f"data.paths=[{tmp_path / 'absent'}]", *common[2:],
+                                      f"data.mean_document_length={doc}"]))
+    assert by_field["documents"]["source"] == f"data.mean_document_length={doc}"
+    # the first document is cut at a random offset, so pieces differ: within 2% of whole documents
+    assert by_field["flops_per_token"] == pytest.approx(expected, rel=0.02)
+
+    out = plan_cli("recipes/1b/pretrain-8k.yaml", *common[:1], f"data.paths=[{tmp_path / 'absent'}]", *common[2:])
+    assert out.returncode == 0, out.stderr
+    assert "document masking: no document lengths" in out.stdout and "priced as without masking" in out.stdout

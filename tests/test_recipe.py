@@ -122,7 +122,8 @@ def test_cluster_recipes_validate_for_their_world_size(name, world):
     validate(recipe, world_size=world)
     if recipe.parallel.context > 1:
         types = recipe.model.cp_comm_types(recipe.parallel, recipe.train.backend)
-        # sliding layers exchange halos (never TE's p2p/a2a+p2p, which refuse a window);
-        # global layers use TE's ring (p2p)
-        assert all(t == "halo" for t, k in zip(types, recipe.model.layer_pattern.layers) if k == "S")
+        # sliding layers: halo exchange, or with packed documents (long stages) TE's
+        # all_gather (never TE's p2p/a2a+p2p, which refuse a window); global: TE's ring (p2p)
+        sliding = "all_gather" if recipe.data.document_mask else "halo"
+        assert all(t == sliding for t, k in zip(types, recipe.model.layer_pattern.layers) if k == "S")
         assert all(t == "p2p" for t, k in zip(types, recipe.model.layer_pattern.layers) if k == "G")

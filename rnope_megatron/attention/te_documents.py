@@ -39,7 +39,7 @@ def te_thd_refusal(
     """Why TE cannot run THD (document-masked) attention on one layer, or None if it can."""
     if fp8_attention:
         return ("fp8_dot_product_attention: TE's FP8 attention takes bshd/sbhd only, never THD "
-                "(packed documents); keep attention in bf16 (train.fp8.attention: none) or turn "
+                "(packed documents); keep attention in bf16 (train.fp8.attention: off) or turn "
                 "document masking off")
     if not sliding:
         return None

@@ -64,25 +64,30 @@ def training_flops_per_token(model, seq_len: int, exact: bool = True) -> float:
     return 3 * forward_flops_per_token(model, seq_len, exact)
 
 
-def pack_forward_flops(model, document_lengths, exact: bool = True) -> float:
+def pack_forward_breakdown(model, document_lengths, exact: bool = True) -> dict[str, float]:
     """Forward FLOPs of one packed sequence whose documents do not see each other
-    (document masking): the linear parts per token of the whole pack, attention per
-    document (each document a sequence of its own, so global layers cost sum(d_i^2) and
-    sliding ones sum(d_i * min(d_i, W)), not L^2 / L*W). ``[L]`` is the unmasked sequence.
-    Cheap enough to count every sample of every step (the trainer's TFLOP/s does): the
-    per-document work is two spans, not a walk over the layers."""
+    (document masking), by component (:data:`COMPONENTS`): the linear parts per token of
+    the whole pack, attention per document (each document a sequence of its own, so
+    global layers cost sum(d_i^2) and sliding ones sum(d_i * min(d_i, W)), not L^2 / L*W).
+    ``[L]`` is the unmasked sequence. Cheap enough to count every sample of every step
+    (the trainer's TFLOP/s does): the per-document work is two spans, not a walk over the
+    layers."""
     lengths = [int(length) for length in document_lengths]
     total = sum(lengths)
-    parts = forward_flops_breakdown(model, max(total, 1), exact)
-    linear = sum(v for k, v in parts.items() if k not in ("attention_sliding", "attention_global"))
+    parts = {k: v * total for k, v in forward_flops_breakdown(model, max(total, 1), exact).items()}
     sliding = sum(model.layer_pattern.kind(n).sliding for n in range(1, model.num_layers + 1))
     global_ = model.num_layers - sliding
     per_pair = 4 * model.num_attention_heads * model.head_dim  # QK^T and PV per (query, key)
-    attention = sum(
-        length * per_pair * (sliding * attention_span(length, model.window, exact)
-                             + global_ * attention_span(length, None, exact))
-        for length in lengths)
-    return linear * total + attention
+    parts["attention_sliding"] = sum(length * per_pair * sliding * attention_span(length, model.window, exact)
+                                     for length in lengths)
+    parts["attention_global"] = sum(length * per_pair * global_ * attention_span(length, None, exact)
+                                    for length in lengths)
+    return parts
+
+
+def pack_forward_flops(model, document_lengths, exact: bool = True) -> float:
+    """Forward FLOPs of one document-masked pack (:func:`pack_forward_breakdown`)."""
+    return sum(pack_forward_breakdown(model, document_lengths, exact).values())
 
 
 def pack_training_flops(model, document_lengths, exact: bool = True) -> float:

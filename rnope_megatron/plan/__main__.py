@@ -58,7 +58,7 @@ def _print_run_dir(recipe, args) -> int:
 
 def main(argv=None) -> int:
     parser = _parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)  # overrides may follow options
     if args.list_recipes:
         with one_line_errors("rnope-plan"):
             print(catalog.render(catalog.entries()), flush=True)

@@ -14,7 +14,8 @@ import pathlib
 
 from rnope_megatron.common.errors import UserError
 from rnope_megatron.common.gpus import GPU, by_name
-from rnope_megatron.model.flops import attention_flops_per_token, forward_flops_breakdown, training_flops_per_token
+from rnope_megatron.model.flops import COMPONENTS, forward_flops_breakdown, pack_forward_breakdown
+from rnope_megatron.plan.documents import DocumentPacks, document_packs
 from rnope_megatron.plan.layers import layer_map
 from rnope_megatron.plan.memory import GB, USABLE_FRACTION, Setup, plan_memory
 from rnope_megatron.recipe import load_recipe
@@ -30,7 +31,7 @@ KEYS = (
     "flops_per_token", "attention_flops_per_token", "flops_by_component", "hardware_flops_per_token",
     "memory_per_gpu_gb", "usable_memory_gb", "memory_by_stage", "fits", "overflow",
     "achieved_tflops", "pipeline_bubble", "step_time_s", "tokens_per_s", "mfu",
-    "baseline", "predicted_speedup_vs_baseline",
+    "baseline", "predicted_speedup_vs_baseline", "documents",
 )
 
 
@@ -47,14 +48,38 @@ def baseline_model(recipe, path: pathlib.Path | None):
     return dataclasses.replace(recipe.model, pattern="R"), "same shape, pattern R (every layer global with RoPE)"
 
 
-def hardware_flops_per_token(recipe) -> float:
-    """Training FLOPs per token the GPUs execute: model FLOPs plus recomputation (full:
-    one more forward; selective: core attention's forward again)."""
-    model, seq = recipe.model, recipe.train.seq_length
-    parts = forward_flops_breakdown(model, seq)
+def forward_flops(model, seq: int, packs: DocumentPacks | None) -> dict[str, float]:
+    """Forward FLOPs per token by component: of one ``seq``-token sequence, or with
+    document masking the mean over the simulated ``packs`` (attention per document)."""
+    if packs is None:
+        return forward_flops_breakdown(model, seq)
+    mean = dict.fromkeys(COMPONENTS, 0.0)
+    for pack, weight in zip(packs.packs, packs.weights):
+        for name, value in pack_forward_breakdown(model, pack).items():
+            mean[name] += weight * value / sum(pack)
+    return mean
+
+
+def _documents_summary(recipe, packs: DocumentPacks | None) -> dict | None:
+    """What the plan assumed about documents (None: no document masking)."""
+    if not recipe.data.document_mask:
+        return None
+    if packs is None:
+        return {"source": None, "mean_document_length": None,
+                "note": "no document lengths (data.paths' .idx not readable here, data.mean_document_length "
+                        "unset): priced as without masking"}
+    return {"source": packs.source, "mean_document_length": round(packs.mean_document_length, 1),
+            "simulated_sequences": len(packs.packs)}
+
+
+def hardware_flops_per_token(recipe, forward: dict[str, float] | None = None) -> float:
+    """Training FLOPs per token the GPUs execute: model FLOPs (3 x ``forward``, default
+    the unmasked sequence's) plus recomputation (full: one more forward; selective: core
+    attention's forward again)."""
+    parts = forward or forward_flops_breakdown(recipe.model, recipe.train.seq_length)
     extra = {"full": sum(parts.values()),
              "selective": parts["attention_sliding"] + parts["attention_global"]}.get(recipe.train.recompute, 0.0)
-    return training_flops_per_token(model, seq) + extra
+    return 3 * sum(parts.values()) + extra
 
 
 def resolve_cluster(recipe, nodes: int | None, gpus_per_node: int | None, gpu: str | None) -> tuple[int, int, GPU]:
@@ -93,9 +118,10 @@ def make_plan(recipe, path=None, nodes: int | None = None, gpus_per_node: int | 
                     "over_by_gb": round(worst.total / GB - usable, 2)}
 
     seq = t.seq_length
-    forward = forward_flops_breakdown(model, seq)
-    flops = training_flops_per_token(model, seq)
-    hardware = hardware_flops_per_token(recipe)
+    packs = document_packs(recipe)
+    forward = forward_flops(model, seq, packs)
+    flops = 3 * sum(forward.values())
+    hardware = hardware_flops_per_token(recipe, forward)
     peak = device.bf16_tflops
     achieved = achieved_tflops if achieved_tflops is not None else DEFAULT_ACHIEVED_FRACTION * peak
     if not achieved > 0:
@@ -109,7 +135,7 @@ def make_plan(recipe, path=None, nodes: int | None = None, gpus_per_node: int | 
     bubble = (p.pipeline - 1) / ((p.virtual_pipeline or 1) * setup.num_microbatches)
     step_time = tokens_per_step * hardware / (world * achieved * 1e12) * (1 + bubble)
     base, base_source = baseline_model(recipe, pathlib.Path(path) if path else None)
-    base_flops = training_flops_per_token(base, seq)
+    base_flops = 3 * sum(forward_flops(base, seq, packs).values())
 
     plan = {
         "recipe": str(path) if path else None,
@@ -124,7 +150,7 @@ def make_plan(recipe, path=None, nodes: int | None = None, gpus_per_node: int | 
                    "backend": t.backend},
         "layer_map": layer_map(model, p),
         "flops_per_token": flops,
-        "attention_flops_per_token": attention_flops_per_token(model, seq),
+        "attention_flops_per_token": 3 * (forward["attention_sliding"] + forward["attention_global"]),
         "flops_by_component": {name: 3 * value for name, value in forward.items()},
         "hardware_flops_per_token": hardware,
         "memory_per_gpu_gb": round(worst.total / GB, 3),
@@ -146,6 +172,7 @@ def make_plan(recipe, path=None, nodes: int | None = None, gpus_per_node: int | 
         "mfu": tokens_per_step * flops / step_time / (world * peak * 1e12),
         "baseline": {"source": base_source, "flops_per_token": base_flops},
         "predicted_speedup_vs_baseline": base_flops / flops,
+        "documents": _documents_summary(recipe, packs),
     }
     assert tuple(plan) == KEYS
     return plan

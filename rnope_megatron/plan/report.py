@@ -51,6 +51,12 @@ def render(plan: dict) -> str:
                      f"component {o['component']} ({o['component_gb']:.1f} GB)")
     total = plan["flops_per_token"]
     lines += ["", f"FLOPs per token (training, window exact): {total / 1e9:.2f} GFLOP"]
+    documents = plan["documents"]
+    if documents and documents["source"]:
+        lines.append(f"  document masking: attention per document, mean {documents['mean_document_length']:,.0f} "
+                     f"tokens (lengths from {documents['source']}; {documents['simulated_sequences']} packed sequences simulated)")
+    elif documents:
+        lines.append(f"  document masking: {documents['note']}")
     for name in COMPONENTS:
         value = plan["flops_by_component"][name]
         lines.append(f"  {name:<18s} {value / 1e9:9.2f} GFLOP  {value / total:6.1%}")
