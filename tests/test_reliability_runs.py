@@ -351,3 +351,39 @@ def test_a_bad_recipe_under_torchrun_is_reported_once(tmp_path):
     assert "window must be an integer >= 1, got -3" in out.stderr
     assert not (tmp_path / "run").exists()
     assert not tagged_processes(tag)
+
+
+def test_rnope_train_launching_its_workers_refuses_a_bad_recipe_before_any_starts(tmp_path):
+    """``rnope-train --nproc-per-node N ...`` validates for the whole world in the launching
+    process: one line, no torchrun summary, no worker, nothing written."""
+    tag = uuid.uuid4().hex
+    # valid for one process, not for 3 (global batch 8 is not a multiple of 3 data-parallel ranks)
+    out = run([console_script("rnope-train"), "--nproc-per-node", "3", "--standalone", RECIPE, *FAST,
+               f"logging.run_dir={tmp_path / 'run'}"], env={"RNOPE_TEST_TAG": tag})
+    assert_one_line_error(out, "rnope-train", "bad recipe: ", "global_batch_size")
+    assert len(out.stderr.strip().splitlines()) == 1 and "ChildFailedError" not in out.stdout + out.stderr
+    assert not (tmp_path / "run").exists() and not tagged_processes(tag)
+    out = run([console_script("rnope-train"), "--nproc-per-node=gpu", RECIPE])
+    assert_one_line_error(out, "rnope-train", "--nproc-per-node and --nnodes take whole numbers")
+
+
+def test_rnope_train_launching_its_workers_trains_as_torchrun(tmp_path, data_cache, saved_run):
+    """A valid recipe: rnope-train becomes torchrun with the same options (data parallel 2
+    here) and follows the single-process trajectory (2e-4, as tests/test_train.py)."""
+    out = run([console_script("rnope-train"), "--nproc-per-node=2", "--standalone",
+               *rnope_train(tmp_path, f"data.cache_dir={data_cache}", *SAVED_RUN_ARGS)[1:]])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "world 2 = tp 1 x pp 1 x cp 1 x dp 2" in out.stdout
+    reference = losses(saved_run)
+    assert losses(tmp_path).keys() == reference.keys()
+    for iteration, loss in losses(tmp_path).items():
+        assert loss == pytest.approx(reference[iteration], abs=2e-4)
+
+
+def test_a_tokenizer_without_an_end_of_document_token_is_refused_in_one_line(tmp_path):
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text('{"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1, "[UNK]": 2}, '
+                         '"unk_token": "[UNK]"}, "pre_tokenizer": {"type": "Whitespace"}}')
+    out = run(rnope_train(tmp_path / "run", f"data.tokenizer={tokenizer}", "data.document_mask=true"))
+    assert_one_line_error(out, "rnope-train", f"bad recipe: data.tokenizer: {tokenizer}: no end-of-document token")
+    assert not (tmp_path / "run").exists()
