@@ -39,13 +39,19 @@ class StopRequest:
     """Turns SIGTERM/SIGUSR1, and the death of the torchrun launcher, into a flag checked
     between iterations (and between an eval gate's batches)."""
 
+    # Why a rank stops, as a number every rank can agree on (the largest wins): a rank
+    # whose own flag is clear then still says why the run stopped.
+    CAUSES = ("", "SIGTERM", "SIGUSR1", "the death of its launcher")
+
     def __init__(self):
         self.signal = None
+        self.cause = 0
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame):
         self.signal = signal.Signals(signum).name
+        self.cause = max(self.cause, self.CAUSES.index(self.signal))
 
     def watch_launcher(self, poll_s: float = 1.0) -> None:
         """Under torchrun, stop when the launcher dies. A ``kill -9`` of torchrun leaves its
@@ -60,15 +66,19 @@ class StopRequest:
             while os.getppid() == launcher:
                 time.sleep(poll_s)
             self.signal = f"the death of its launcher (pid {launcher})"
+            self.cause = self.CAUSES.index("the death of its launcher")
             print(f"rnope-train: rank {os.environ.get('RANK', '?')}: launcher pid {launcher} is gone: saving a "
                   f"checkpoint at the end of this iteration and stopping", file=sys.stderr, flush=True)
 
         threading.Thread(target=watch, name="rnope-launcher-watch", daemon=True).start()
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.signal else 0.0], device=compute_device())
-        dist.all_reduce(flag)  # every rank stops at the same iteration
-        return bool(flag.item())
+        flag = torch.tensor([float(self.cause)], device=compute_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same iteration
+        cause = int(flag.item())
+        if cause and not self.signal:
+            self.signal = f"{self.CAUSES[cause]} (seen by another rank)"
+        return bool(cause)
 
 
 def _pin_threads(cpu_threads: int | None) -> None:
