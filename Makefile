@@ -23,9 +23,9 @@ demo: $(STAMP)
 test: lint-imports
 	$(PY) -m pytest -q tests
 
-# The inner loop: the fast tiers (unit, numeric, cli; see CONTRIBUTING.md "Test tiers").
+# The inner loop: the fast tiers (unit, numeric; see CONTRIBUTING.md "Test tiers").
 test-quick: lint-imports
-	$(PY) -m pytest -q tests -m "not distributed and not slow"
+	$(PY) -m pytest -q tests -m "unit or numeric"
 
 # The package's layers import only downward (.importlinter).
 lint-imports: $(STAMP)

@@ -293,6 +293,7 @@ def reproduction_runs(tmp_path_factory, data_cache):
     return runs
 
 
+@pytest.mark.slow  # trains the two reproduction models (1000 steps each): ~12 min on 2 cores
 def test_reproduction_recipe_shows_the_paper_claim(reproduction_runs):
     """The paper's claim at toy scale: RNoPE-SWA retrieves the passkey at the training
     length and at 8x it; the all-global RoPE baseline, same data and parameter count, does
@@ -308,6 +309,7 @@ def test_reproduction_recipe_shows_the_paper_claim(reproduction_runs):
     assert accuracy["R"][1024] <= 0.25, accuracy
 
 
+@pytest.mark.slow  # trains the two reproduction models (1000 steps each): ~12 min on 2 cores
 def test_lm_eval_harness_agrees_with_rnope_eval_on_an_export(reproduction_runs, tmp_path):
     """lm-evaluation-harness (an evaluator nobody here wrote) scores the HF exports of the
     two reproduction models on rnope-eval's own cases (rnope-eval lm-eval-tasks, offline)
