@@ -137,10 +137,14 @@ def test_kill_9_and_resume_with_documents_is_bit_exact(masked_run, tmp_path, dat
 def test_document_mask_refusals_name_the_field(data_cache):
     with pytest.raises(ValueError, match=r"^train\.micro_batch_size=2: with data\.document_mask under parallel\.context=2"):
         _recipe(data_cache, "parallel.context=2")
-    with pytest.raises(ValueError, match=r"parallel\.context_comm_sliding: cp_comm_type: halo cannot run"):
-        _recipe(data_cache, "train.backend=te", "parallel.context=2", "train.micro_batch_size=1")
-    _recipe(data_cache, "train.backend=te", "parallel.context=2", "train.micro_batch_size=1",
-            "parallel.context_comm_sliding=all_gather")  # TE >= 2.18 runs THD windows with all_gather
+    # te under CP would need Megatron's per-document split: refused, pointing to portable
+    with pytest.raises(ValueError, match=r"^data\.document_mask with parallel\.context=2 runs on train\.backend=portable"):
+        _recipe(data_cache, "train.backend=te", "parallel.context=2", "train.micro_batch_size=1",
+                "parallel.context_comm_sliding=all_gather")
+    _recipe(data_cache, "parallel.context=2", "train.micro_batch_size=1")  # portable: the halo exchange
+    with pytest.raises(ValueError, match=r"train\.fp8\.attention: fp8_dot_product_attention: TE's FP8 attention"):
+        _recipe(data_cache, "train.backend=te", "train.precision=bf16", "train.fp8.attention=all")
+    _recipe(data_cache, "train.backend=te", "train.precision=bf16", "train.fp8.attention=off")
 
 
 def test_rnope_train_refuses_document_mask_it_cannot_run_in_one_line(tmp_path, data_cache):

@@ -17,7 +17,10 @@ when asked to, so :func:`te_thd_refusal` says first, in one line naming the fiel
   not take packed sequences (the portable backend's does not either, yet).
 
 Versions that cannot be read (no GPU, checking a recipe offline) are assumed recent
-enough and checked again where the run starts.
+enough and checked again where the run starts. The trainer's recipe check refuses te with
+context parallelism and documents altogether (its sequence-level zig-zag split is not the
+per-document split TE's THD attention expects); these rules serve te without CP and a
+model run directly with ``run_model``.
 """
 
 from __future__ import annotations

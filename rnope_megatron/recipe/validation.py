@@ -174,6 +174,13 @@ def validate_document_mask(recipe: Recipe) -> None:
                           f"parallel.context={p.context} a micro-batch is one packed sequence (use 1)")
     if t.backend != "te":
         return
+    if p.context > 1:
+        # TE's THD attention under CP expects each document cut into 2·CP shares (documents
+        # padded to a multiple of 2·CP); the trainer keeps the sequence-level zig-zag our
+        # halo exchange is built on, which only the portable backend attends over correctly.
+        raise RecipeError(f"data.document_mask with parallel.context={p.context} runs on train.backend=portable "
+                          f"(the halo exchange with documents); on te it would need Megatron's per-document "
+                          f"context-parallel split (documents padded to 2 x parallel.context), not implemented")
     fp8_attention = t.fp8 is not None and t.fp8.attention != "off"
     comm = dict(zip(m.layer_pattern.layers, m.cp_comm_types(p, backend="te")))
     for kind, field in (("S", "parallel.context_comm_sliding"), ("G", "parallel.context_comm_global"),
