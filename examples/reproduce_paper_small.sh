@@ -5,7 +5,8 @@
 # (recipes/reproduce-small.yaml: 4 layers, d=128, window 32, 128-token sequences, the
 # passkey retrieval mix with the loss on the answers), differing only in model.pattern
 # (SSSG vs R: same parameter count, same data order), then evaluated by rnope-eval
-# passkey at 1x-16x the training length.
+# passkey at 1x-16x the training length. Then the language-modelling half: SSSG, R and
+# all-NoPE (G) trained on the embedded corpus alone, loss per octave of position up to 16x.
 #
 #   examples/reproduce_paper_small.sh            # 3 seeds, 1x-16x   (7.5 min on 2 idle cores)
 #   examples/reproduce_paper_small.sh --quick    # 1 seed,  1x-8x    (2 min)
@@ -65,6 +66,21 @@ for seed in "${SEEDS[@]}"; do
       --depths 0,0.25,0.5,0.75,1 --samples "$SAMPLES" --seed "$seed" --quiet \
       --json "$OUT/passkey-$name-seed$seed.json" --png "$OUT/passkey-$name-seed$seed.png" | tail -1
   done
+done
+
+# The language-modelling half of the claim: loss per position past the training length.
+# SSSG, R and all-NoPE G, same parameters, trained on the embedded corpus alone (no
+# retrieval, loss on every token), then rnope-eval loss per octave of position at 16x.
+LM_ITERS=${LM_ITERS:-$([[ $QUICK == 1 ]] && echo 500 || echo 1000)}
+printf 'source: default\ntokenizer: bytes\ncache_dir: %s\n' "$OUT/data" > "$OUT/corpus-data.yaml"
+MAX=${LENGTHS##*,}
+for model in rnope-swa:SSSG rope-baseline:R nope:G; do
+  name=${model%%:*}
+  train_one "lm-$name" "${model##*:}" "${SEEDS[0]}" data.source=default data.retrieval_fraction=0 \
+    data.retrieval_loss=all eval.interval=0 "train.iters=$LM_ITERS" "scheduler.warmup_iters=$(( LM_ITERS / 20 ))"
+  echo "== loss per position of lm-$name at $MAX tokens"
+  "$BIN/rnope-eval" loss --checkpoint "$OUT/lm-$name-seed${SEEDS[0]}/checkpoints" --data "$OUT/corpus-data.yaml" \
+    --length "$MAX" --samples 16 --seed 7 --json "$OUT/loss-$name.json" | tail -1
 done
 
 "$BIN/python" examples/reproduce_table.py "$OUT" --seconds $(( $(date +%s) - started ))

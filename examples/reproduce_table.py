@@ -16,7 +16,27 @@ import re
 import statistics
 import sys
 
-MODELS = {"rnope-swa": "RNoPE-SWA (SSSG, W=32)", "rope-baseline": "all-global RoPE (R)"}
+MODELS = {"rnope-swa": "RNoPE-SWA (SSSG, W=32)", "rope-baseline": "all-global RoPE (R)",
+          "nope": "all-global NoPE (G)"}
+
+
+def collect_loss(out: pathlib.Path) -> dict:
+    """{model: rnope-eval loss --json} from OUT_DIR/loss-<model>.json (the LM half)."""
+    return {path.name[len("loss-"):-len(".json")]: json.loads(path.read_text())
+            for path in sorted(out.glob("loss-*.json"))}
+
+
+def loss_markdown(losses: dict) -> str:
+    """Loss per octave of position, one row per model; bins past the training length marked."""
+    first = next(iter(losses.values()))
+    trained = first.get("trained_length")
+    bins = [(b["start"], b["end"]) for b in first["per_position"]]
+    head = [f"{s}-{e}" + (" *" if trained and s >= trained else "") for s, e in bins]
+    lines = ["| model | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(bins)]
+    for name, result in losses.items():
+        lines.append(f"| {MODELS.get(name, name)} | " + " | ".join(f"{b['loss']:.3f}" for b in result["per_position"])
+                     + " |")
+    return "\n".join(lines)
 
 
 def collect(out: pathlib.Path) -> dict:
@@ -71,6 +91,15 @@ def main(argv=None) -> int:
                                  "trained_length": e["trained_length"], "samples_per_cell": e["samples_per_cell"],
                                  "depths": e["depths"]}
                           for name, e in results.items()}}
+    losses = collect_loss(out)
+    if losses:
+        summary["loss_per_position"] = {name: {"trained_length": r.get("trained_length"),
+                                               "per_position": r["per_position"],
+                                               "loss_within_trained_length": r.get("loss_within_trained_length"),
+                                               "loss_beyond_trained_length": r.get("loss_beyond_trained_length")}
+                                        for name, r in losses.items()}
+        table += ("\n\nNext-token loss per octave of position on the embedded corpus (models trained on "
+                  "it alone; * = past the training length):\n\n" + loss_markdown(losses))
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     took = f"\n\nWall time: {args.seconds // 60} min {args.seconds % 60} s." if args.seconds else ""
     (out / "results.md").write_text(f"Passkey exact-match accuracy (mean over seeds ± std; "
