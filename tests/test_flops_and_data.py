@@ -107,3 +107,25 @@ def test_answers_only_loss_leaves_the_other_sources_whole(tmp_path):
     counts = [int(dataset[i]["loss_mask"].sum()) for i in range(200)]
     assert 60 < sum(c == 256 for c in counts) < 140  # the corpus' samples: every label trained
     assert all(c == 256 or c == 6 for c in counts)    # retrieval samples: the 6 answer tokens
+
+
+def test_a_source_weighted_zero_is_not_drawn_from(tmp_path):
+    """Megatron's BlendedDataset asserts every weight > 0 (a bare AssertionError deep in
+    the build): data.retrieval_fraction=1 with the default corpus, or a 0 in data.weights,
+    leaves that source out; every sample then comes from the others."""
+    from rnope_megatron.data.dataset import SampleShape, build_dataset, dataset_prefixes
+    from rnope_megatron.data.indexed import write_indexed
+    from rnope_megatron.recipe.sections import DataSection
+
+    shape = SampleShape(seq_length=64, seed=1, vocab_size=272, planned_samples=16)
+    only_retrieval = DataSection(source="default", retrieval_fraction=1.0, retrieval_tasks=["passkey"])
+    paths, weights = dataset_prefixes(only_retrieval, shape, tmp_path, ByteTokenizer())
+    assert len(paths) == 1 and "retrieval-" in paths[0] and weights is None
+    dataset = build_dataset(only_retrieval, shape, tmp_path, 16)
+    assert len(dataset) >= 16 and dataset[0]["tokens"].shape == (64,)
+    write_indexed(tmp_path / "a", [[1, 2, 3, 256]] * 50, 257)
+    write_indexed(tmp_path / "b", [[4, 5, 256]] * 50, 257)
+    zero = DataSection(source="indexed", paths=[str(tmp_path / "a"), str(tmp_path / "b")], weights=[0.0, 1.0])
+    assert dataset_prefixes(zero, shape, tmp_path, ByteTokenizer()) == ([str(tmp_path / "b")], None)
+    samples = build_dataset(zero, shape, tmp_path, 8)
+    assert all(set(samples[i]["tokens"].tolist()) <= {4, 5, 256} for i in range(8))

@@ -182,6 +182,13 @@ def dataset_prefixes(d, shape: SampleShape, cache_dir: pathlib.Path, tokenizer) 
             total = sum(base)
             weights = [(1 - d.retrieval_fraction) * w / total for w in base] + [d.retrieval_fraction]
             paths = paths + [retrieval]
+    if weights is not None:
+        # Megatron's BlendedDataset asserts every weight > 0: a source weighted 0
+        # (data.weights, or data.retrieval_fraction: 1) is simply not drawn from
+        kept = [(path, weight) for path, weight in zip(paths, weights) if weight > 0]
+        paths, weights = [p for p, _ in kept], [w for _, w in kept]
+        if len(paths) == 1:
+            weights = None
     return paths, weights
 
 
