@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import pathlib
 import sys
 from typing import Iterable, Iterator
@@ -40,9 +39,9 @@ def documents_with_eod(texts: Iterable[str], tokenizer) -> Iterator[numpy.ndarra
         yield doc
 
 
-def retrieval_token_documents(documents, tokenizer, length, no_loss_offset: int = 0) -> Iterator[numpy.ndarray]:
-    """Token arrays of retrieval cases of exactly ``length`` tokens each (a tuple of
-    lengths: taken in turn, see :func:`retrieval_case_lengths`), the last one the
+def retrieval_token_documents(documents, tokenizer, length: int, no_loss_offset: int = 0) -> Iterator[numpy.ndarray]:
+    """Token arrays of retrieval cases of exactly ``length`` tokens each (see
+    :func:`retrieval_case_length`), the last one the
     end-of-document id: haystack (the repeated filler) with the needle at the case's
     depth, question, answer and tail, the pieces tokenized apart as ``rnope-eval`` builds
     its prompts. Cases of a whole training sequence (``length = seq_length``) line up with
@@ -52,11 +51,10 @@ def retrieval_token_documents(documents, tokenizer, length, no_loss_offset: int 
     the answer's is stored plus that offset: the mark :class:`AnswerOnlyLoss` turns into a
     zero loss mask."""
     dtype = token_dtype(2 * no_loss_offset if no_loss_offset else tokenizer.vocab_size)
-    lengths = (length,) if isinstance(length, int) else tuple(length)
     # at least `length` characters: a token is at least one character
-    filler = numpy.asarray(tokenizer.tokenize_array(FILLER * (max(lengths) // len(FILLER) + 2)),
+    filler = numpy.asarray(tokenizer.tokenize_array(FILLER * (length // len(FILLER) + 2)),
                            dtype=numpy.int64)
-    for doc, length in zip(documents, itertools.cycle(lengths)):
+    for doc in documents:
         needle, question, answer, tail = (numpy.asarray(tokenizer.tokenize_array(part), dtype=numpy.int64)
                                           for part in (doc.needle, doc.question, doc.answer, doc.tail))
         room = max(0, length - 1 - needle.size - question.size - answer.size - tail.size)
@@ -66,8 +64,8 @@ def retrieval_token_documents(documents, tokenizer, length, no_loss_offset: int 
                                  [tokenizer.eod + no_loss_offset]]).astype(dtype)
 
 
-def retrieval_case_lengths(seq_length: int, document_mask: bool, longest_bare_case: int) -> tuple[int, ...]:
-    """Lengths of the retrieval mix's cases. Without document masking one case per sample
+def retrieval_case_length(seq_length: int, document_mask: bool, longest_bare_case: int) -> int:
+    """Length of the retrieval mix's cases. Without document masking one case per sample
     (an earlier case's needle would be a distractor the question can see). With it, two
     cases of half a sample each, when a half holds at least as much haystack as the
     longest case has needle, question and answer (``longest_bare_case`` tokens): the mix
@@ -76,8 +74,8 @@ def retrieval_case_lengths(seq_length: int, document_mask: bool, longest_bare_ca
     cutting samples: cases of one length stay aligned with samples in any order, so no
     case is cut (a case's tail without its needle would teach guessing)."""
     if not document_mask or seq_length % 2 or seq_length // 2 < 2 * longest_bare_case:
-        return (seq_length,)
-    return (seq_length // 2,)
+        return seq_length
+    return seq_length // 2
 
 
 def longest_bare_case(tokenizer, tasks, seed: int, probe: int = 64) -> int:
@@ -164,15 +162,15 @@ def dataset_prefixes(d, shape: SampleShape, cache_dir: pathlib.Path, tokenizer) 
         share = 1.0 if d.source == "synthetic-retrieval" else d.retrieval_fraction
         count = min(200_000, max(2000, int(shape.planned_samples * share * 1.1)))
         offset = no_loss_offset(shape.vocab_size) if d.retrieval_loss == "answers" else 0
-        lengths = retrieval_case_lengths(t.seq_length, d.document_mask,
-                                         longest_bare_case(tokenizer, d.retrieval_tasks, t.seed) if d.document_mask else 0)
-        count *= t.seq_length // sum(lengths)  # cases per sample
+        case = retrieval_case_length(t.seq_length, d.document_mask,
+                                     longest_bare_case(tokenizer, d.retrieval_tasks, t.seed) if d.document_mask else 0)
+        count *= t.seq_length // case  # cases per sample
         retrieval = _ensure(
-            cache_dir / (f"retrieval-{tag}-{'+'.join(d.retrieval_tasks)}-{'+'.join(map(str, lengths))}-{count}"
+            cache_dir / (f"retrieval-{tag}-{'+'.join(d.retrieval_tasks)}-{case}-{count}"
                          f"-seed{t.seed}" + (f"-answers{offset}" if offset else "")),
             lambda: retrieval_documents(count, t.seed, tuple(d.retrieval_tasks)),
             tokenizer,
-            lambda docs, tok: retrieval_token_documents(docs, tok, lengths, offset),
+            lambda docs, tok: retrieval_token_documents(docs, tok, case, offset),
             2 * offset if offset else None,
         )
         if d.source == "synthetic-retrieval":

@@ -91,17 +91,19 @@ def eod_boundaries(row: torch.Tensor, eod: int) -> list[int]:
     return [0, *ends, length]
 
 
-def document_masked_loss(model, ids: torch.Tensor, eod: int) -> tuple[torch.Tensor, float, int]:
+def document_masked_loss(model, ids: torch.Tensor, eod: int) -> tuple[torch.Tensor, float, int, int]:
     """Loss of packed rows whose documents do not see each other: every document attends
     to itself only, with positions from 0 (as document-masked training runs it), and the
     EOD's prediction of the next document is not counted. Returns the loss per position
     within a document (float64, averaged over the trained predictions at that position),
-    the mean loss and the number of trained predictions."""
+    the mean loss, the number of trained predictions and the number of documents."""
     tokens, labels = ids[:, :-1], ids[:, 1:]
+    trained = tokens != eod
+    if not trained.any():
+        raise ValueError(f"--document-mask: every position of the input is an end-of-document id ({eod})")
     documents = [eod_boundaries(row, eod) for row in tokens]
     with torch.no_grad():
         per_token = run_model(model, tokens, labels, documents=documents).double()
-    trained = tokens != eod
     positions = torch.zeros_like(tokens)
     for row, bounds in enumerate(documents):
         for start, end in zip(bounds, bounds[1:]):
@@ -109,11 +111,9 @@ def document_masked_loss(model, ids: torch.Tensor, eod: int) -> tuple[torch.Tens
     sums = torch.zeros(tokens.shape[1], dtype=torch.float64).index_add_(0, positions[trained], per_token[trained])
     counts = torch.zeros(tokens.shape[1], dtype=torch.float64).index_add_(
         0, positions[trained], torch.ones_like(per_token[trained]))
-    if not trained.any():
-        raise ValueError(f"--document-mask: every position of the input is an end-of-document id ({eod})")
     reached = int(counts.nonzero().max()) + 1  # the longest document's trained positions
     curve = sums[:reached] / counts[:reached]
-    return curve, per_token[trained].mean().item(), int(trained.sum())
+    return curve, per_token[trained].mean().item(), int(trained.sum()), sum(len(b) - 1 for b in documents)
 
 
 def octave_bins(curve: torch.Tensor) -> list[dict]:
@@ -196,9 +196,8 @@ def loss_command(checkpoint, input_ids=None, data=None, length=None, samples=8, 
         raise ValueError(f"{where}: token id {int(ids.max())} >= model.vocab_size={cfg.vocab_size}")
     if document_mask:
         eod = checkpoint_eod(saved_recipe(source)) if eod is None else eod
-        curve, mean, count = document_masked_loss(model, ids, eod)
-        result = {"loss": mean, "tokens": count, "document_mask": True, "eod": eod,
-                  "documents": sum(len(eod_boundaries(row, eod)) - 1 for row in ids[:, :-1])}
+        curve, mean, count, documents = document_masked_loss(model, ids, eod)
+        result = {"loss": mean, "tokens": count, "document_mask": True, "eod": eod, "documents": documents}
     else:
         curve = per_position_loss(model, ids)
         result = {"loss": curve.mean().item(), "tokens": (ids.shape[1] - 1) * ids.shape[0]}

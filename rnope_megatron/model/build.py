@@ -96,6 +96,8 @@ def run_model(model, tokens: torch.Tensor, labels: torch.Tensor | None = None, d
     if documents is None:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         return model(tokens, positions, None, labels=labels)
+    from megatron.core.utils import get_attr_wrapped_model
+
     batch, seq = tokens.shape
     cp = model.config.context_parallel_size
     if cp > 1 and batch != 1:
@@ -107,16 +109,9 @@ def run_model(model, tokens: torch.Tensor, labels: torch.Tensor | None = None, d
     flat_labels = None if labels is None else labels.reshape(1, batch * seq)
     out = model(tokens.reshape(1, batch * seq), positions, None, labels=flat_labels,
                 packed_seq_params=packed)
-    if not _unwrapped(model).post_process:
+    if not get_attr_wrapped_model(model, "post_process"):
         return out  # a pipeline stage's hidden states [batch * seq, 1, h]: the next stage's input
     return out.reshape(batch, seq, *out.shape[2:])
-
-
-def _unwrapped(model):
-    """The GPTModel inside Megatron's DDP (and Float16Module) wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def pack_documents(documents, batch: int, seq: int, device=None):

@@ -20,7 +20,7 @@ import dataclasses
 import pathlib
 import random
 
-from rnope_megatron.data.dataset import longest_bare_case, retrieval_case_lengths
+from rnope_megatron.data.dataset import longest_bare_case, retrieval_case_length
 from rnope_megatron.data.tokenizers import make_tokenizer
 
 SIMULATED_SEQUENCES = 64
@@ -115,7 +115,7 @@ def document_packs(recipe, seed: int = 0) -> DocumentPacks | None:
             bare = longest_bare_case(make_tokenizer(d.tokenizer), d.retrieval_tasks, recipe.train.seed)
         except (OSError, ValueError):
             bare = ASSUMED_BARE_CASE
-        case = retrieval_case_lengths(seq, True, bare)[0]
+        case = retrieval_case_length(seq, True, bare)
         sources.append(([[case] * (seq // case)], 1.0 - share))
     packs, weights = [], []
     for source_packs, weight in sources:

@@ -181,17 +181,13 @@ def validate_document_mask(recipe: Recipe) -> None:
         raise RecipeError(f"data.document_mask with parallel.context={p.context} runs on train.backend=portable "
                           f"(the halo exchange with documents); on te it would need Megatron's per-document "
                           f"context-parallel split (documents padded to 2 x parallel.context), not implemented")
+    # Without CP (refused above with it): FP8 attention, and the windowed THD kernels TE
+    # needs (versions unknown here are checked again when the run starts).
     fp8_attention = t.fp8 is not None and t.fp8.attention != "off"
-    comm = dict(zip(m.layer_pattern.layers, m.cp_comm_types(p, backend="te")))
-    for kind, field in (("S", "parallel.context_comm_sliding"), ("G", "parallel.context_comm_global"),
-                        ("R", "parallel.context_comm_global")):
-        if kind not in comm:
-            continue
-        reason = te_thd_refusal(
-            sliding=kind == "S", fp8_attention=fp8_attention, cp_size=p.context, cp_comm_type=comm[kind],
-            heads_per_rank=m.num_attention_heads // p.tensor, groups_per_rank=max(1, m.query_groups // p.tensor))
+    for sliding in sorted({m.layer_pattern.kind(n).sliding for n in range(1, m.num_layers + 1)}):
+        reason = te_thd_refusal(sliding=sliding, fp8_attention=fp8_attention)
         if reason:
-            where = "train.fp8.attention" if fp8_attention else field
+            where = "train.fp8.attention" if fp8_attention else "model.window"
             raise RecipeError(f"data.document_mask on train.backend=te, {where}: {reason}")
 
 
