@@ -19,13 +19,19 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(PY) -m rnope_megatron.train recipes/tiny-cpu.yaml logging.run_dir=runs/demo
 
+# Test files run in JOBS parallel workers (pytest-xdist), a whole file per worker so that
+# its module fixtures (trained models) are built once; most tests wait on single-threaded
+# subprocesses, so 2 workers use both cores of a 2-core machine. JOBS=0 runs in-process.
+JOBS   ?= 2
+XDIST  := $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist loadfile --no-loadscope-reorder)
+
 # Everything (what CI runs): the layer contract, then every test tier.
 test: lint-imports
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) --durations=15 tests
 
 # The inner loop: the fast tiers (unit, numeric; see CONTRIBUTING.md "Test tiers").
 test-quick: lint-imports
-	$(PY) -m pytest -q tests -m "unit or numeric"
+	$(PY) -m pytest -q $(XDIST) tests -m "unit or numeric"
 
 # The package's layers import only downward (.importlinter).
 lint-imports: $(STAMP)

@@ -47,7 +47,7 @@ setup(
         "wandb": WANDB,
         # lm-evaluation-harness (its hf model needs accelerate): the test that scores an
         # export through the harness on rnope-eval's own cases (rnope-eval lm-eval-tasks).
-        "dev": ["pytest>=8", "matplotlib", "tensorboard", *QUANT, "lm-eval>=0.4.9", "accelerate", *WANDB,
+        "dev": ["pytest>=8", "pytest-xdist>=3.6", "matplotlib", "tensorboard", *QUANT, "lm-eval>=0.4.9", "accelerate", *WANDB,
                 # the layer contract of .importlinter, checked by make test
                 "import-linter>=2.0"],
     },
