@@ -171,11 +171,11 @@ def test_rnope_eval_loss_of_a_pack_equals_its_documents_alone(saved_run, tmp_pat
 
     packed = loss(tmp_path / "pack.npy", "--document-mask")
     alone_sum, alone_tokens = 0.0, 0
-    for document in documents + documents + [cut, cut]:  # each row holds every document once
+    for document in documents + [cut]:  # each of the two rows holds every document once
         numpy.save(tmp_path / "doc.npy", numpy.array([document]))
         alone = loss(tmp_path / "doc.npy")
-        alone_sum += alone["loss"] * alone["tokens"]
-        alone_tokens += alone["tokens"]
+        alone_sum += len(rows) * alone["loss"] * alone["tokens"]
+        alone_tokens += len(rows) * alone["tokens"]
     assert packed["tokens"] == alone_tokens
     assert packed["loss"] == pytest.approx(alone_sum / alone_tokens, abs=1e-5)
     assert packed["document_mask"] is True and packed["eod"] == EOD
