@@ -22,10 +22,10 @@ TIER_OF_FILE = {
 }
 TIERS = tuple(TIER_OF_FILE)
 
-# `make test` runs files in parallel (pytest-xdist, --dist loadfile: a file's module
-# fixtures, e.g. trained models, are built once, on one worker). Starting the longest
-# files first keeps one worker from ending alone (JOBS=N in the Makefile) on a long file at the end. Minutes per
-# file on 2 cores, from `pytest --durations`; a file not listed starts after these.
+# `make test JOBS=N` runs files on N pytest-xdist workers (--dist loadfile: a file's module
+# fixtures, e.g. trained models, are built once, on one worker). Starting the longest files
+# first keeps one worker from ending alone on a long file. Order from `pytest --durations`
+# on 2 cores; a file not listed starts after these.
 LONGEST_FILES_FIRST = (
     "test_reproduction", "test_crash_safety", "test_cli", "test_train", "test_context_parallel", "test_convert",
     "test_reliability_runs", "test_reliability_outputs", "test_quantize", "test_train_documents",

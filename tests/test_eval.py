@@ -16,7 +16,6 @@ import dataclasses
 import json
 import re
 import signal
-import subprocess
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from rnope_megatron.data.corpora import key_value_question, passkey_needle, pass
 from rnope_megatron.data.tokenizers import ByteTokenizer
 from rnope_megatron.eval.scoring import evaluate_grid, score_cases
 from rnope_megatron.eval.tasks import Haystacks, build_case, build_grid, minimum_length
-from tests.trainer import ROOT, assert_one_line_error, console_script, exit_status, losses, metrics, train
+from tests.trainer import ROOT, assert_one_line_error, eval_cli, exit_status, losses, metrics, train
 
 BYTES = ByteTokenizer()
 VOCAB = 272
@@ -165,15 +164,11 @@ def test_hf_export_evaluated_by_transformers_gives_the_checkpoints_logits(random
 
 # ----------------------------------------------------------------------------- the CLI
 
-def _eval(*args, timeout=600):
-    return subprocess.run([console_script("rnope-eval"), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
-
 
 @pytest.mark.parametrize("task", ["passkey", "niah"])
 def test_cli_writes_json_and_heatmap(random_checkpoint, tmp_path, task):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    proc = _eval(task, "--checkpoint", random_checkpoint, "--lengths", "256,1k", "--depths", "0,1",
+    proc = eval_cli(task, "--checkpoint", random_checkpoint, "--lengths", "256,1k", "--depths", "0,1",
                  "--samples", 2, "--json", out, "--png", png, "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -189,7 +184,7 @@ def test_cli_loss_on_a_data_section_writes_per_position_loss(random_checkpoint, 
     out, png = tmp_path / "loss.json", tmp_path / "loss.png"
     data = tmp_path / "data.yaml"
     data.write_text(f"source: default\ntokenizer: bytes\nretrieval_fraction: 0.5\ncache_dir: {tmp_path / 'cache'}\n")
-    proc = _eval("loss", "--checkpoint", random_checkpoint, "--data", data, "--length", 300, "--samples", 2,
+    proc = eval_cli("loss", "--checkpoint", random_checkpoint, "--data", data, "--length", 300, "--samples", 2,
                  "--json", out, "--png", png)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -213,11 +208,11 @@ def test_cli_loss_on_a_data_section_writes_per_position_loss(random_checkpoint, 
 ])
 def test_cli_failures_are_one_line(random_checkpoint, args, fragments):
     args = args[:1] + ["--checkpoint", str(random_checkpoint)] + args[1:]
-    assert_one_line_error(_eval(*args), "rnope-eval", *fragments)
+    assert_one_line_error(eval_cli(*args), "rnope-eval", *fragments)
 
 
 def test_cli_missing_checkpoint_is_one_line(tmp_path):
-    assert_one_line_error(_eval("passkey", "--checkpoint", tmp_path / "nope", "--lengths", "1k"), "rnope-eval",
+    assert_one_line_error(eval_cli("passkey", "--checkpoint", tmp_path / "nope", "--lengths", "1k"), "rnope-eval",
                           str(tmp_path / "nope"))
 
 

@@ -14,12 +14,8 @@ import subprocess
 
 import pytest
 
-from tests.trainer import ROOT, console_script, metrics
+from tests.trainer import ROOT, eval_cli, console_script, metrics
 
-
-def _eval(*args, timeout=600):
-    return subprocess.run([console_script("rnope-eval"), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +64,9 @@ def test_lm_eval_harness_agrees_with_rnope_eval_on_an_export(reproduction_runs, 
                                   "--arch", "smollm3"], capture_output=True, text=True, cwd=ROOT, timeout=600)
         assert convert.returncode == 0, convert.stderr[-2000:]
         # the same tasks for both models: the second run replaces the first's files (--force)
-        made = _eval("lm-eval-tasks", "--out", tasks, "--tokenizer", hf / "tokenizer.json", *grid, "--force")
+        made = eval_cli("lm-eval-tasks", "--out", tasks, "--tokenizer", hf / "tokenizer.json", *grid, "--force")
         assert made.returncode == 0 and "rnope_passkey" in made.stdout, made.stderr[-2000:]
-        ours = _eval("passkey", "--hf", hf, *grid, "--json", tmp_path / f"ours-{pattern}.json", "--quiet")
+        ours = eval_cli("passkey", "--hf", hf, *grid, "--json", tmp_path / f"ours-{pattern}.json", "--quiet")
         assert ours.returncode == 0, ours.stderr[-2000:]
         expected = json.loads((tmp_path / f"ours-{pattern}.json").read_text())["accuracy_by_length"]
         out = tmp_path / f"harness-{pattern}"

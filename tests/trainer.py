@@ -42,6 +42,12 @@ def train(run_dir, *overrides, nproc=None, check=True, timeout=600, env=None):
     return proc
 
 
+def eval_cli(*args, timeout=600):
+    """The installed ``rnope-eval`` with ``args`` (paths allowed), run from the checkout."""
+    return subprocess.run([console_script("rnope-eval"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
 def metrics(run_dir) -> list[dict]:
     path = pathlib.Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
