@@ -1,4 +1,7 @@
+import collections
 import pathlib
+import resource
+import time
 
 import pytest
 import torch
@@ -52,6 +55,43 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(getattr(pytest.mark, tier_of[stem]))
     rank = {stem: i for i, stem in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(pathlib.Path(str(item.fspath)).stem, len(rank)))  # stable: file order kept
+
+# Per tier: tests, wall seconds, CPU seconds of this process and every subprocess it
+# waited for (the trainers' workers included): what `make test` prints at the end, so a
+# change to the suite's time is measured per tier, not guessed.
+_TIER_TIME = collections.defaultdict(lambda: [0, 0.0, 0.0])
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    wall, cpu = time.monotonic(), _cpu_seconds()
+    yield
+    tier = next((tier for tier in TIERS if item.get_closest_marker(tier)), "none")
+    row = _TIER_TIME[tier]
+    row[0] += 1
+    row[1] += time.monotonic() - wall
+    row[2] += _cpu_seconds() - cpu
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The time per tier (not under pytest-xdist, whose workers keep their own counts)."""
+    if not _TIER_TIME:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("time per tier")
+    write(f"{'tier':12s} {'tests':>6s} {'wall min':>9s} {'CPU min':>8s}")
+    for tier in (*TIERS, "none"):
+        if tier in _TIER_TIME:
+            count, wall, cpu = _TIER_TIME[tier]
+            write(f"{tier:12s} {count:6d} {wall / 60:9.1f} {cpu / 60:8.1f}")
+    total = [sum(column) for column in zip(*_TIER_TIME.values())]
+    write(f"{'all':12s} {total[0]:6d} {total[1] / 60:9.1f} {total[2] / 60:8.1f}")
+
 
 @pytest.fixture(scope="session")
 def megatron_single():
