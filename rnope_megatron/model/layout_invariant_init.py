@@ -41,13 +41,20 @@ def local_shards(chunks) -> Iterator:
 @torch.no_grad()
 def fill_from_global(chunks, full_tensor: Callable[[str, tuple], torch.Tensor]) -> int:
     """Copy ``full_tensor(key, global_shape)[global_slice]`` into every local shard.
-    Returns the number of shards filled."""
-    count = 0
+    Returns the number of shards filled.
+
+    Each full tensor is made once, for all the shards of its key, and one key at a time:
+    a layer-stacked key (``decoder.layers.mlp.linear_fc1.weight``, global shape
+    [num_layers, ...]) has one shard per local layer, and making it per shard made the
+    whole stack num_layers times."""
+    shards_of_key: dict[tuple, list] = {}
     for shard in local_shards(chunks):
-        full = full_tensor(shard.key, tuple(shard.global_shape))
-        shard.data.copy_(full[shard.global_slice()].reshape(shard.data.shape))
-        count += 1
-    return count
+        shards_of_key.setdefault((shard.key, tuple(shard.global_shape)), []).append(shard)
+    for (key, global_shape), shards in shards_of_key.items():
+        full = full_tensor(key, global_shape)
+        for shard in shards:
+            shard.data.copy_(full[shard.global_slice()].reshape(shard.data.shape))
+    return sum(map(len, shards_of_key.values()))
 
 
 def seeded_full_tensor(seed: int, std: float = 0.02) -> Callable[[str, tuple], torch.Tensor]:
