@@ -93,3 +93,43 @@ def test_the_folder_contract_names_every_package_folder():
         assert (ROOT / path.rstrip("/")).exists(), f"CONTRIBUTING.md names {path}, which does not exist"
     folders = {f"rnope_megatron/{p.name}/" for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert folders <= named, f"folders without a row: {sorted(folders - named)}"
+
+
+def _console_entry_modules() -> list[str]:
+    """The modules setup.py's console scripts start in."""
+    setup = (ROOT / "setup.py").read_text()
+    return sorted(set(re.findall(r"= (rnope_megatron[\w.]*):main", setup)))
+
+
+def test_every_console_script_keeps_the_garbage_collector_out_of_its_imports():
+    """Each console script's entry module calls start_console_imports() before its first
+    import of the package's heavy modules and finish_console_imports() right after its
+    last top-level import (common/cli.py: the collector paused while Megatron loads)."""
+    modules = _console_entry_modules()
+    assert len(modules) == 6, modules
+    for module in modules:
+        path = ROOT / (module.replace(".", "/") + ".py")
+        body = ast.parse(path.read_text()).body
+        calls = {node.value.func.id: index for index, node in enumerate(body)
+                 if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+                 and isinstance(node.value.func, ast.Name)}
+        imports = [index for index, node in enumerate(body) if isinstance(node, (ast.Import, ast.ImportFrom))]
+        assert "start_console_imports" in calls and "finish_console_imports" in calls, module
+        heavy = [i for i in imports if i > calls["start_console_imports"]]
+        assert heavy, f"{module}: no import after start_console_imports()"
+        assert calls["finish_console_imports"] == max(imports) + 1, f"{module}: finish_console_imports() not right after the imports"
+
+
+@pytest.mark.parametrize("collector_before", ["enabled", "disabled"])
+def test_an_entry_modules_import_freezes_what_it_loaded_and_restores_the_collector(collector_before):
+    """Importing an entry module leaves the collector as it found it, with the loaded
+    modules' objects in its permanent generation (gc.freeze)."""
+    code = ("import gc, sys\n"
+            f"gc.{'enable' if collector_before == 'enabled' else 'disable'}()\n"
+            "import rnope_megatron.plan.__main__\n"
+            "print(gc.isenabled(), gc.get_freeze_count())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    enabled, frozen = proc.stdout.split()
+    assert enabled == str(collector_before == "enabled")
+    assert int(frozen) > 100_000  # torch and Megatron's modules, classes and functions

@@ -2,4 +2,5 @@
 (:mod:`.errors`), typed dataclass construction (:mod:`.typed`), console-script plumbing
 (:mod:`.cli`), staged outputs that never lose data (:mod:`.output`), fault points for tests
 (:mod:`.faults`), the GPU table and probes (:mod:`.gpus`), process groups for one rank
-(:mod:`.distributed`, over the CPU compatibility layer of :mod:`rnope_megatron.compat`)."""
+(:mod:`.distributed`, over the CPU compatibility layer of :mod:`rnope_megatron.compat`), the
+garbage collector kept out of heavy imports (:mod:`.collector`)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import sys
 import warnings
@@ -71,6 +72,32 @@ def quiet_known_warnings() -> None:
     for logger, prefix in KNOWN_HARMLESS_LOGS:
         logging.getLogger(logger or None).addFilter(_DropMessages(prefix))
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+_collector_was_enabled = True
+
+
+def start_console_imports() -> None:
+    """The first line of a console script's entry module, before the imports that bring
+    Megatron in: quiet the known-harmless notices they print, and pause the cyclic garbage
+    collector while they load (:mod:`rnope_megatron.common.collector` says why).
+    :func:`finish_console_imports` ends the pause."""
+    global _collector_was_enabled
+    quiet_known_warnings()
+    _collector_was_enabled = gc.isenabled()
+    gc.disable()
+
+
+def finish_console_imports() -> None:
+    """After the entry module's imports: move every object alive now (modules, classes,
+    functions: they live until exit anyway) to the collector's permanent generation, so
+    that neither the collections while the command runs nor the one at interpreter exit
+    traverse them again, and resume collecting. (The few thousand objects of garbage the
+    imports left are frozen with them, as Python's documentation of gc.freeze describes:
+    collecting them first would cost one more traversal of everything.)"""
+    gc.freeze()
+    if _collector_was_enabled:
+        gc.enable()
 
 
 def one_line(err: BaseException) -> str:

@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import argparse
 
-from rnope_megatron.common.cli import one_line_errors, quiet_known_warnings
+from rnope_megatron.common.cli import finish_console_imports, one_line_errors, start_console_imports
 
 # A console script's entry module: quiet the library notices no user can act on (Apex/TE
-# missing on CPU, ...) before the imports below bring Megatron in and print them.
-quiet_known_warnings()
+# missing on CPU, ...) before the imports below bring Megatron in and print them, and
+# keep the garbage collector out of those imports (common/cli.py).
+start_console_imports()
 
 from rnope_megatron.convert import commands  # noqa: E402
 from rnope_megatron.convert.commands import EXPORT_DTYPES  # noqa: E402
 from rnope_megatron.convert.targets import target_names  # noqa: E402
+finish_console_imports()
 
 
 def main(argv=None) -> int:

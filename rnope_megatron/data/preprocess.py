@@ -21,16 +21,18 @@ import pathlib
 import sys
 import time
 
-from rnope_megatron.common.cli import one_line_errors, quiet_known_warnings
+from rnope_megatron.common.cli import finish_console_imports, one_line_errors, start_console_imports
 
 # A console script's entry module: quiet the library notices no user can act on (Apex/TE
-# missing on CPU, ...) before the imports below bring Megatron in and print them.
-quiet_known_warnings()
+# missing on CPU, ...) before the imports below bring Megatron in and print them, and
+# keep the garbage collector out of those imports (common/cli.py).
+start_console_imports()
 
 from rnope_megatron.common.output import check_file_target
 from rnope_megatron.data.dataset import documents_with_eod  # noqa: E402
 from rnope_megatron.data.indexed import write_indexed  # noqa: E402
 from rnope_megatron.data.tokenizers import make_tokenizer  # noqa: E402
+finish_console_imports()
 
 
 def _decode(raw: bytes, path: pathlib.Path, where: str) -> str:

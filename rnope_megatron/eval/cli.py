@@ -23,11 +23,12 @@ import pathlib
 import sys
 import time
 
-from rnope_megatron.common.cli import one_line_errors, quiet_known_warnings
+from rnope_megatron.common.cli import finish_console_imports, one_line_errors, start_console_imports
 
 # A console script's entry module: quiet the library notices no user can act on (Apex/TE
-# missing on CPU, ...) before the imports below bring Megatron in and print them.
-quiet_known_warnings()
+# missing on CPU, ...) before the imports below bring Megatron in and print them, and
+# keep the garbage collector out of those imports (common/cli.py).
+start_console_imports()
 
 from rnope_megatron.common.output import check_file_target, check_output, staged_output, write_text  # noqa: E402
 from rnope_megatron.eval import models, plots  # noqa: E402
@@ -37,6 +38,7 @@ from rnope_megatron.eval.loss import loss_command, write_loss_outputs  # noqa: E
 from rnope_megatron.eval.memory import available_bytes, refuse_if_too_large
 from rnope_megatron.eval.scoring import by_length, default_batch_size, evaluate_grid  # noqa: E402
 from rnope_megatron.eval.tasks import build_grid, minimum_length  # noqa: E402
+finish_console_imports()
 
 
 def parse_lengths(text: str) -> list[int]:

@@ -15,17 +15,19 @@ import argparse
 import json
 import sys
 
-from rnope_megatron.common.cli import one_line, one_line_errors, quiet_known_warnings
+from rnope_megatron.common.cli import finish_console_imports, one_line, one_line_errors, start_console_imports
 
 # A console script's entry module: quiet the library notices no user can act on (Apex/TE
-# missing on CPU, ...) before the imports below bring Megatron in and print them.
-quiet_known_warnings()
+# missing on CPU, ...) before the imports below bring Megatron in and print them, and
+# keep the garbage collector out of those imports (common/cli.py).
+start_console_imports()
 
 from rnope_megatron.plan.core import make_plan  # noqa: E402
 from rnope_megatron.plan.report import render  # noqa: E402
 from rnope_megatron.plan.core import resolve_cluster  # noqa: E402
 from rnope_megatron.recipe import RecipeError, catalog, load_recipe  # noqa: E402
 from rnope_megatron.recipe.validation import validate  # noqa: E402
+finish_console_imports()
 
 NOT_FITTING = 3
 

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import argparse
 
-from rnope_megatron.common.cli import one_line_errors, quiet_known_warnings
+from rnope_megatron.common.cli import finish_console_imports, one_line_errors, start_console_imports
 
 # A console script's entry module: quiet the library notices no user can act on (Apex/TE
-# missing on CPU, ...) before the imports below bring Megatron in and print them.
-quiet_known_warnings()
+# missing on CPU, ...) before the imports below bring Megatron in and print them, and
+# keep the garbage collector out of those imports (common/cli.py).
+start_console_imports()
 
 from rnope_megatron.quantize.command import quantize  # noqa: E402
+finish_console_imports()
 
 
 def main(argv=None) -> int:

@@ -32,11 +32,12 @@ import os
 import sys
 import time
 
-from rnope_megatron.common.cli import one_line, one_line_errors, quiet_known_warnings
+from rnope_megatron.common.cli import finish_console_imports, one_line, one_line_errors, start_console_imports
 
 # A console script's entry module: quiet the library notices no user can act on (Apex/TE
-# missing on CPU, ...) before the imports below bring Megatron in and print them.
-quiet_known_warnings()
+# missing on CPU, ...) before the imports below bring Megatron in and print them, and
+# keep the garbage collector out of those imports (common/cli.py).
+start_console_imports()
 
 from rnope_megatron.common import gpus  # noqa: E402
 from rnope_megatron.data.tokenizers import make_tokenizer  # noqa: E402
@@ -47,6 +48,7 @@ from rnope_megatron.recipe.validation import validate, validate_input_files  # n
 from rnope_megatron.train.console import describe_attention  # noqa: E402
 from rnope_megatron.train.loop import run  # noqa: E402
 from rnope_megatron.train.wandb_run import require_wandb  # noqa: E402
+finish_console_imports()
 
 
 # torchrun's options that rnope-train passes on when it launches the workers itself
