@@ -7,8 +7,9 @@ on CPU: the sliding window there is a dense mask).
 A step is forward + backward of the next-token loss on one sequence plus an AdamW update.
 Times: one subprocess per row builds both models and alternates their steps after a
 warm-up step each (best of ``--repeats`` pairs), so the ratio is taken under one machine
-load. Memory: one fresh subprocess per (model, L) and one step, so its peak-RSS growth is
-its own (on CUDA, max_memory_allocated). Absolute times on a shared machine are noise.
+load. Memory: each model's first step in a fresh subprocess (RNoPE-SWA's in the timing
+one, before the other model is built), so its peak-RSS growth is its own (on CUDA,
+max_memory_allocated). Absolute times on a shared machine are noise.
 
     python benchmarks/train_step.py                          # table, L/W = 16 and 32
     python benchmarks/train_step.py --hf-lengths 8192 16384  # + HF SmolLM3 comparison
@@ -98,28 +99,35 @@ def _stepper(spec: dict):
 
 def _worker(spec: dict) -> dict:
     """``mode="memory"``: peak memory growth of one model's first step. ``mode="time"``:
-    best step times of ``spec["pair"]`` (two model specs), alternated after a warm-up."""
+    that peak for the first of ``spec["pair"]`` (two model specs), then the best step
+    times of both, alternated after a warm-up."""
     import torch
 
-    if spec["mode"] == "memory":
-        step, device = _stepper(spec)
+    def first_step_peak_mb(step, device) -> float:
         base = _rss_mb()  # after building: the growth is the step's (activations, grads, Adam state)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         step()
         if device == "cuda":
-            return {"peak_mb": torch.cuda.max_memory_allocated() / 2**20}
-        return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base}
-    steps = [_stepper({**one, "seq_len": spec["seq_len"]})[0] for one in spec["pair"]]
-    for step in steps:
-        step()  # warm-up (kernel build, allocator)
+            return torch.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+
+    if spec["mode"] == "memory":
+        return {"peak_mb": first_step_peak_mb(*_stepper(spec))}
+    # The first model's first step is its warm-up and, the first in this fresh process,
+    # its memory measurement; the second model is built only after it (one process fewer).
+    first, device = _stepper({**spec["pair"][0], "seq_len": spec["seq_len"]})
+    peak_mb = first_step_peak_mb(first, device)
+    second = _stepper({**spec["pair"][1], "seq_len": spec["seq_len"]})[0]
+    second()  # warm-up (kernel build, allocator)
+    steps = [first, second]
     best = [float("inf")] * len(steps)
     for _ in range(spec["repeats"]):
         for index, step in enumerate(steps):
             started = time.perf_counter()
             step()
             best[index] = min(best[index], time.perf_counter() - started)
-    return {"ms": [1000 * b for b in best]}
+    return {"ms": [1000 * b for b in best], "peak_mb": peak_mb}
 
 
 def _run_worker(spec: dict) -> dict:
@@ -131,9 +139,9 @@ def _run_worker(spec: dict) -> dict:
 
 def measure(ours: dict, other: dict, seq_len: int, repeats: int) -> tuple[dict, dict]:
     """Step times (alternated in one process) and peak memory (one process each)."""
-    times = _run_worker({"mode": "time", "seq_len": seq_len, "repeats": repeats, "pair": [ours, other]})["ms"]
-    memory = [_run_worker({**one, "mode": "memory", "seq_len": seq_len})["peak_mb"] for one in (ours, other)]
-    return ({"ms": times[0], "peak_mb": memory[0]}, {"ms": times[1], "peak_mb": memory[1]})
+    timed = _run_worker({"mode": "time", "seq_len": seq_len, "repeats": repeats, "pair": [ours, other]})
+    other_peak_mb = _run_worker({**other, "mode": "memory", "seq_len": seq_len})["peak_mb"]
+    return ({"ms": timed["ms"][0], "peak_mb": timed["peak_mb"]}, {"ms": timed["ms"][1], "peak_mb": other_peak_mb})
 
 
 def flop_speedup(args, seq_len: int, window: int) -> float:
