@@ -19,12 +19,11 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(PY) -m rnope_megatron.train recipes/tiny-cpu.yaml logging.run_dir=runs/demo
 
-# JOBS=N runs test files on N pytest-xdist workers (a whole file per worker, so its module
-# fixtures are built once). Measured on 2 cores: 2 workers took 40 min for the 673 tests,
-# no faster than one process (the trainers' subprocesses already use both cores), so the
-# default stays one process; JOBS=4 may pay on bigger machines.
-JOBS   ?= 0
-XDIST  := $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist loadfile --no-loadscope-reorder)
+# Test files run on JOBS pytest-xdist workers, one per core by default: a whole file per
+# worker (its module fixtures are built once), and each worker and the trainers it starts
+# get their share of the cores (tests/conftest.py). JOBS=1 runs everything in one process.
+JOBS   ?= $(shell nproc 2>/dev/null || echo 1)
+XDIST  := $(if $(filter 0 1,$(JOBS)),,-n $(JOBS) --dist loadfile --no-loadscope-reorder)
 
 # Everything (what CI runs): the layer contract, then every test tier.
 test: lint-imports

@@ -1,13 +1,27 @@
 import collections
+import os
 import pathlib
 import resource
 import time
 
-import pytest
-import torch
 
-from rnope_megatron.model.config import ParallelLayout
-from tests.support import free_port, init_megatron
+def _share_cores_between_workers() -> None:
+    """Under pytest-xdist (`make test JOBS=N`), give each worker and every process it
+    starts its share of the cores (OMP_NUM_THREADS, read by torch when it loads, and
+    inherited by the trainers the tests spawn): N workers each running torch on every core
+    would oversubscribe them. A value the user set is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+_share_cores_between_workers()  # before torch is imported below
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from rnope_megatron.model.config import ParallelLayout  # noqa: E402
+from tests.support import free_port, init_megatron  # noqa: E402
 
 # The test tiers (CONTRIBUTING.md, "Test tiers"): each file's tier, given here once rather
 # than on every test. `make test` runs every tier; `make test-quick` the fast ones.
@@ -78,8 +92,21 @@ def pytest_runtest_protocol(item, nextitem):
     row[2] += _cpu_seconds() - cpu
 
 
+def pytest_sessionfinish(session):
+    """A pytest-xdist worker hands its counts to the controller (pytest_testnodedown)."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["tier_time"] = {tier: list(row) for tier, row in _TIER_TIME.items()}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    for tier, counts in getattr(node, "workeroutput", {}).get("tier_time", {}).items():
+        _TIER_TIME[tier] = [mine + theirs for mine, theirs in zip(_TIER_TIME[tier], counts)]
+
+
 def pytest_terminal_summary(terminalreporter):
-    """The time per tier (not under pytest-xdist, whose workers keep their own counts)."""
+    """The time per tier; under pytest-xdist the workers' sums (wall: time a worker spent
+    in the tier's tests, added over workers)."""
     if not _TIER_TIME:
         return
     write = terminalreporter.write_line

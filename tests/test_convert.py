@@ -133,7 +133,7 @@ def test_round_trip_export_eval_and_transformers_load(megatron_single, tmp_path,
     assert result["loss"] == pytest.approx(hf_loss, abs=2e-5)
 
 
-def test_checkpoints_saved_with_tp2_and_pp2_export_identically(tmp_path, data_cache=None):
+def test_checkpoints_saved_with_tp2_and_pp2_export_identically(tmp_path, data_cache):
     """Weights from from-hf pass through rnope-train under TP=2 and under PP=2 at lr=1e-30
     (lr=0 is refused as a recipe error; an Adam step of 1e-30 is below every weight's
     float32 resolution, so the weights do not move); each saved checkpoint exports
@@ -157,7 +157,7 @@ def test_checkpoints_saved_with_tp2_and_pp2_export_identically(tmp_path, data_ca
     for layout in ("parallel.tensor=2", "parallel.pipeline=2"):
         run_dir = tmp_path / layout.split(".")[1].split("=")[0]
         run_cli("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "rnope_megatron.train",
-                str(recipe), layout, f"logging.run_dir={run_dir}", f"data.cache_dir={tmp_path / 'data'}")
+                str(recipe), layout, f"logging.run_dir={run_dir}", f"data.cache_dir={data_cache}")
         run_cli("-m", "rnope_megatron.convert", "to-hf", str(run_dir / "checkpoints"), str(run_dir / "hf"),
                 "--dtype", "fp32", "--arch", "cohere2")
         exported = AutoModelForCausalLM.from_pretrained(run_dir / "hf").state_dict()
