@@ -2,7 +2,7 @@
 
 recipes/reproduce-small.yaml trains RNoPE-SWA (SSSG) and the all-global RoPE baseline (R)
 on the passkey mix for 1000 steps each through the installed rnope-train (side by side,
-~5 min on 2 cores, the longest file of the suite: it has a file of its own so that a parallel run
+~3.5 min on 2 cores, the longest file of the suite: it has a file of its own so that a parallel run
 starts it first beside the other files). The two tests share the two trained runs.
 """
 
