@@ -2,7 +2,7 @@
 
 Importing torch makes some 300k objects that live until exit, Megatron some 300k more. The
 collector counts allocations, not garbage: while they load it runs hundreds of times,
-each time traversing everything loaded so far (about 1 s of a console script's start on
+each time traversing everything loaded so far (about 0.8 s of a console script's start on
 one CPU core). Imports make almost no garbage, so pausing it there loses nothing.
 Standard library only: the package's ``__init__`` uses it before torch is imported."""
 
