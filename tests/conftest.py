@@ -39,8 +39,8 @@ TIER_OF_FILE = {
 }
 TIERS = tuple(TIER_OF_FILE)
 
-# `make test JOBS=N` runs files on N pytest-xdist workers (--dist loadfile: a file's module
-# fixtures, e.g. trained models, are built once, on one worker). Starting the longest files
+# `make test` runs files on pytest-xdist workers, one per core (--dist loadfile: a file's
+# module fixtures, e.g. trained models, are built once, on one worker). Starting the longest files
 # first keeps one worker from ending alone on a long file. Order from `pytest --durations`
 # on 2 cores; a file not listed starts after these.
 LONGEST_FILES_FIRST = (

@@ -164,12 +164,11 @@ def test_hf_export_evaluated_by_transformers_gives_the_checkpoints_logits(random
 
 # ----------------------------------------------------------------------------- the CLI
 
-
 @pytest.mark.parametrize("task", ["passkey", "niah"])
 def test_cli_writes_json_and_heatmap(random_checkpoint, tmp_path, task):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     proc = eval_cli(task, "--checkpoint", random_checkpoint, "--lengths", "256,1k", "--depths", "0,1",
-                 "--samples", 2, "--json", out, "--png", png, "--quiet")
+                    "--samples", 2, "--json", out, "--png", png, "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert [(c["length"], c["depth"], c["samples"]) for c in result["cells"]] == [
@@ -185,7 +184,7 @@ def test_cli_loss_on_a_data_section_writes_per_position_loss(random_checkpoint, 
     data = tmp_path / "data.yaml"
     data.write_text(f"source: default\ntokenizer: bytes\nretrieval_fraction: 0.5\ncache_dir: {tmp_path / 'cache'}\n")
     proc = eval_cli("loss", "--checkpoint", random_checkpoint, "--data", data, "--length", 300, "--samples", 2,
-                 "--json", out, "--png", png)
+                    "--json", out, "--png", png)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["tokens"] == 2 * 299 and result["length"] == 300

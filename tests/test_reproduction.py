@@ -1,9 +1,9 @@
 """The paper's claim at toy scale, and an evaluator nobody here wrote agreeing with ours.
 
 recipes/reproduce-small.yaml trains RNoPE-SWA (SSSG) and the all-global RoPE baseline (R)
-on the passkey mix for 1000 steps each through the installed rnope-train (side by side,
-~3.5 min on 2 cores, the longest file of the suite: it has a file of its own so that a parallel run
-starts it first beside the other files). The two tests share the two trained runs.
+on the passkey mix for 1000 steps each through the installed rnope-train, side by side
+(~3.5 min on 2 cores, the longest file of the suite: it has a file of its own so that a
+parallel run starts it first beside the other files). The two tests share the two trained runs.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import subprocess
 
 import pytest
 
-from tests.trainer import ROOT, eval_cli, console_script, metrics
-
+from tests.trainer import ROOT, console_script, eval_cli, metrics
 
 
 @pytest.fixture(scope="module")

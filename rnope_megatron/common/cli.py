@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import logging
 import sys
 import warnings
 
+from rnope_megatron.common import collector
 from rnope_megatron.common.distributed import shutdown_parallel
 from rnope_megatron.common.errors import UserError
 from rnope_megatron.common.output import Interrupted
@@ -84,20 +84,14 @@ def start_console_imports() -> None:
     :func:`finish_console_imports` ends the pause."""
     global _collector_was_enabled
     quiet_known_warnings()
-    _collector_was_enabled = gc.isenabled()
-    gc.disable()
+    _collector_was_enabled = collector.pause()
 
 
 def finish_console_imports() -> None:
-    """After the entry module's imports: move every object alive now (modules, classes,
-    functions: they live until exit anyway) to the collector's permanent generation, so
-    that neither the collections while the command runs nor the one at interpreter exit
-    traverse them again, and resume collecting. (The few thousand objects of garbage the
-    imports left are frozen with them, as Python's documentation of gc.freeze describes:
-    collecting them first would cost one more traversal of everything.)"""
-    gc.freeze()
-    if _collector_was_enabled:
-        gc.enable()
+    """After the entry module's imports: freeze what they loaded (modules, classes,
+    functions: they live until exit anyway) so that no later collection traverses it, and
+    resume collecting."""
+    collector.resume(_collector_was_enabled, freeze=True)
 
 
 def one_line(err: BaseException) -> str:

@@ -12,13 +12,29 @@ import contextlib
 import gc
 
 
+def pause() -> bool:
+    """Turn the collector off; returns whether it was on (for :func:`resume`)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    return was_enabled
+
+
+def resume(was_enabled: bool, freeze: bool = False) -> None:
+    """End a :func:`pause`. ``freeze``: first move every object alive now to the
+    collector's permanent generation (gc.freeze), so later collections, the one at exit
+    included, never traverse what the imports made (the few thousand objects of garbage
+    they left go with them, as Python's documentation of gc.freeze describes)."""
+    if freeze:
+        gc.freeze()
+    if was_enabled:
+        gc.enable()
+
+
 @contextlib.contextmanager
 def paused():
     """The collector off inside the block, and on again after it if it was on before."""
-    was_enabled = gc.isenabled()
-    gc.disable()
+    was_enabled = pause()
     try:
         yield
     finally:
-        if was_enabled:
-            gc.enable()
+        resume(was_enabled)
