@@ -170,3 +170,18 @@ def test_examples_run_as_documented(tmp_path):
     assert inspect.returncode == 0, inspect.stderr[-3000:]
     assert "MagicMock" not in inspect.stdout
     assert "te spec, layer 1 core attention: TEDotProductAttention" in inspect.stdout
+
+
+@pytest.mark.parametrize("groups_before", [False, True], ids=["none-before", "callers-groups-up"])
+def test_one_line_errors_tears_down_only_the_groups_the_command_created(monkeypatch, groups_before):
+    """A command's main() called from Python code that has its own process groups up (a
+    notebook, this test session) leaves them up; a console script's own are torn down."""
+    from rnope_megatron.common import cli
+
+    torn_down = []
+    monkeypatch.setattr(cli.dist, "is_initialized", lambda: groups_before)
+    monkeypatch.setattr(cli, "shutdown_parallel", lambda: torn_down.append(True))
+    with pytest.raises(SystemExit) as exited, cli.one_line_errors("rnope-x"):
+        raise ValueError("bad\nvalue")
+    assert exited.value.code == "rnope-x: bad value"
+    assert torn_down == ([] if groups_before else [True])

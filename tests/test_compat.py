@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rnope_megatron.compat import cpu as cpu_compat
+from rnope_megatron.compat import megatron_import
 
 
 @pytest.fixture
@@ -86,3 +87,60 @@ def test_megatron_sees_cuda_type_names_others_do_not(compat_off):
     assert namespace["kind"](torch.ones(1, dtype=torch.bfloat16)) == "torch.cuda.BFloat16Tensor"
     assert torch.ones(1).type() == "torch.FloatTensor"  # everyone else: the truth
     assert torch.ones(1).type(torch.float64).dtype == torch.float64  # conversions untouched
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="exercises the CPU-only path")
+def test_megatrons_fusions_compile_at_their_first_call_on_cpu():
+    """The package imported Megatron (rnope_megatron/__init__.py) with its jit_fuser
+    deferring torch.compile; torch.compile itself is torch's again for everyone else."""
+    from megatron.core import jit
+    from megatron.core.fusions import fused_bias_geglu
+
+    assert jit.jit_fuser is megatron_import.compile_on_first_call
+    assert fused_bias_geglu.geglu.compile_deferred and fused_bias_geglu.geglu.__name__ == "geglu"
+    assert torch.compile is megatron_import._real_compile
+
+
+def test_compile_on_first_call_makes_the_same_compile_call_once():
+    calls = []
+
+    def recording_compile(function, **settings):
+        calls.append((function, settings))
+        return lambda x: function(x) * 10
+
+    def double(x):
+        return 2 * x
+
+    deferred = megatron_import.compile_on_first_call(double, real_compile=recording_compile, mode="max-autotune")
+    assert calls == [] and deferred.__name__ == "double"  # decorating compiles nothing
+    assert deferred(3) == 60 and deferred(4) == 80
+    assert calls == [(double, {"mode": "max-autotune"})]  # once, with the decorator's settings
+    as_decorator = megatron_import.compile_on_first_call(real_compile=recording_compile, dynamic=False)(double)
+    assert as_decorator(1) == 20 and calls[-1] == (double, {"dynamic": False})
+    module = torch.nn.Linear(2, 2)
+    megatron_import.compile_on_first_call(module, real_compile=recording_compile)
+    assert calls[-1] == (module, {})  # not a plain function: compiled at once, as torch.compile would
+
+
+def test_compile_on_first_call_returns_what_torch_compile_computes():
+    """Through torch.compile itself (its eager backend: no C++ toolchain needed)."""
+    def gelu_tanh(x):
+        return torch.nn.functional.gelu(x, approximate="tanh") * x
+
+    x = torch.randn(5, 7)
+    deferred = megatron_import.compile_on_first_call(gelu_tanh, backend="eager")
+    assert torch.equal(deferred(x), torch.compile(gelu_tanh, backend="eager")(x))
+    assert torch.equal(deferred(x), gelu_tanh(x))
+
+
+def test_compile_is_deferred_only_without_cuda_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with megatron_import.compile_deferred_on_cpu():
+        assert torch.compile is megatron_import._real_compile
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with megatron_import.compile_deferred_on_cpu():
+        assert torch.compile is megatron_import.compile_on_first_call
+    assert torch.compile is megatron_import._real_compile
+    with pytest.raises(KeyError), megatron_import.compile_deferred_on_cpu():
+        raise KeyError("an import that fails")
+    assert torch.compile is megatron_import._real_compile  # restored on the way out of a failure too

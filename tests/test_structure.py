@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "rnope_megatron"
@@ -127,9 +128,15 @@ def test_an_entry_modules_import_freezes_what_it_loaded_and_restores_the_collect
     code = ("import gc, sys\n"
             f"gc.{'enable' if collector_before == 'enabled' else 'disable'}()\n"
             "import rnope_megatron.plan.__main__\n"
-            "print(gc.isenabled(), gc.get_freeze_count())\n")
+            "print(gc.isenabled(), gc.get_freeze_count(), 'torch._inductor' in sys.modules)\n"
+            "import warnings; warnings.warn('a warning of the user')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    enabled, frozen = proc.stdout.split()
+    # Megatron's notices on a CPU machine are quiet, whoever imported it first; others show
+    assert proc.stderr.splitlines() == ["<string>:5: UserWarning: a warning of the user"], proc.stderr[-2000:]
+    enabled, frozen, inductor_loaded = proc.stdout.split()
     assert enabled == str(collector_before == "enabled")
     assert int(frozen) > 100_000  # torch and Megatron's modules, classes and functions
+    # compat/megatron_import.py: without CUDA, Megatron's import set up no torch.compile
+    if torch.cuda.device_count() == 0:
+        assert inductor_loaded == "False"

@@ -12,6 +12,8 @@ import logging
 import sys
 import warnings
 
+import torch.distributed as dist
+
 from rnope_megatron.common import collector
 from rnope_megatron.common.distributed import shutdown_parallel
 from rnope_megatron.common.errors import UserError
@@ -60,18 +62,45 @@ class _DropMessages(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
+def _quiet() -> list:
+    for message, module in KNOWN_HARMLESS:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning, module=module)
+    for message, category in KNOWN_HARMLESS_ANYWHERE:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    added = [(logging.getLogger(logger or None), _DropMessages(prefix)) for logger, prefix in KNOWN_HARMLESS_LOGS]
+    for logger, drop in added:
+        logger.addFilter(drop)
+    return added
+
+
 def quiet_known_warnings() -> None:
     """Silence :data:`KNOWN_HARMLESS` and :data:`KNOWN_HARMLESS_ANYWHERE` warnings,
     :data:`KNOWN_HARMLESS_LOGS` and torch's
     "No CUDA runtime is found" log line (printed when megatron imports
     ``torch.utils.cpp_extension`` on a CPU machine)."""
-    for message, module in KNOWN_HARMLESS:
-        warnings.filterwarnings("ignore", message=message, category=UserWarning, module=module)
-    for message, category in KNOWN_HARMLESS_ANYWHERE:
-        warnings.filterwarnings("ignore", message=message, category=category)
-    for logger, prefix in KNOWN_HARMLESS_LOGS:
-        logging.getLogger(logger or None).addFilter(_DropMessages(prefix))
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    _quiet()
+    logging.getLogger(CPP_EXTENSION_LOGGER).setLevel(logging.ERROR)
+
+
+CPP_EXTENSION_LOGGER = "torch.utils.cpp_extension"
+
+
+@contextlib.contextmanager
+def known_warnings_quiet():
+    """:func:`quiet_known_warnings` for the block only: the package's ``__init__`` imports
+    Megatron inside it on a CPU-only machine (:mod:`rnope_megatron.compat.megatron_import`),
+    before any console script could quiet Megatron's import-time notices itself."""
+    cpp_extension = logging.getLogger(CPP_EXTENSION_LOGGER)
+    level = cpp_extension.level
+    with warnings.catch_warnings():
+        added = _quiet()
+        cpp_extension.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, drop in added:
+                logger.removeFilter(drop)
+            cpp_extension.setLevel(level)
 
 
 _collector_was_enabled = True
@@ -119,8 +148,10 @@ USER_ERRORS = (UserError, ValueError, OSError)
 def one_line_errors(prog: str):
     """Turn the errors a user can cause into ``prog: <one line>`` and exit status 1, and a
     SIGTERM / SIGINT that unwound a staged writer (:mod:`rnope_megatron.common.output`) into one
-    line and the status a shell gives a signal (128 + its number); tear down process
-    groups either way."""
+    line and the status a shell gives a signal (128 + its number); tear down the process
+    groups the command created either way (a ``main()`` called from Python code that has
+    its own groups up leaves them up)."""
+    groups_were_up = dist.is_initialized()
     try:
         yield
     except USER_ERRORS as err:
@@ -130,4 +161,5 @@ def one_line_errors(prog: str):
               file=sys.stderr, flush=True)
         raise SystemExit(128 + stop.signum) from None
     finally:
-        shutdown_parallel()
+        if not groups_were_up:
+            shutdown_parallel()
