@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from rnope_megatron.model.config import ParallelLayout  # noqa: E402
-from tests.support import free_port, init_megatron  # noqa: E402
+from tests.support import close_rank_pools, free_port, init_megatron  # noqa: E402
 
 # The test tiers (CONTRIBUTING.md, "Test tiers"): each file's tier, given here once rather
 # than on every test. `make test` runs every tier; `make test-quick` the fast ones.
@@ -93,7 +93,12 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 def pytest_sessionfinish(session):
-    """A pytest-xdist worker hands its counts to the controller (pytest_testnodedown)."""
+    """End the multi-process tests' rank pools (tests/support.py), and hand a pytest-xdist
+    worker's counts to the controller (pytest_testnodedown). The pooled ranks' CPU time
+    counts once they are waited for, here: it goes to the tier of the tests using them."""
+    cpu = _cpu_seconds()
+    if close_rank_pools():
+        _TIER_TIME["distributed"][2] += _cpu_seconds() - cpu
     if hasattr(session.config, "workeroutput"):
         session.config.workeroutput["tier_time"] = {tier: list(row) for tier, row in _TIER_TIME.items()}
 

@@ -4,8 +4,13 @@ the dense float64 attention every kernel is checked against."""
 from __future__ import annotations
 
 import math
+import multiprocessing.connection as mp_connection
 import os
+import pickle
+import sys
 import tempfile
+import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -39,12 +44,106 @@ def _entry(rank, world_size, port, out_dir, worker, args):
         dist.destroy_process_group()
 
 
-def run_distributed(worker, world_size: int, *args) -> list:
-    """Run ``worker(rank, world_size, port, *args)`` in ``world_size`` fresh processes
-    (spawned, gloo) and return each rank's return value."""
-    port = free_port()
+def _serve(rank, world_size, port, conn):
+    """A pooled rank: run each task the test process sends (its ``sys.path`` first, so a
+    worker from a folder a test added, e.g. benchmarks/, unpickles), keeping the process
+    group between tasks; exit on ``None``, on a failed task and when the test process
+    is gone (its end of the pipe closes)."""
+    torch.set_num_threads(1)
+    try:
+        while (message := conn.recv()) is not None:
+            sys.path[:], task = message
+            worker, args, out_dir = pickle.loads(task)
+            try:
+                torch.save(worker(rank, world_size, port, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+                dist.barrier()
+            except BaseException:
+                conn.send(traceback.format_exc())
+                return
+            conn.send(None)
+    except EOFError:
+        return
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class RankPool:
+    """``world_size`` spawned processes joined in one gloo group, kept by this test process
+    for its session: every multi-process test of that size runs its worker on them instead
+    of spawning fresh ranks (each spawn imports torch and Megatron: seconds of CPU). Every
+    worker starts with ``init_megatron``, which keeps the default group and builds
+    Megatron's groups and RNG states afresh, so a task sees what a fresh rank would. A failed
+    or stuck task ends the pool (the next call starts another)."""
+
+    def __init__(self, world_size: int):
+        context = mp.get_context("spawn")
+        self.world_size, self.port = world_size, free_port()
+        self.connections, self.processes = [], []
+        for rank in range(world_size):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_serve, args=(rank, world_size, self.port, theirs), daemon=True)
+            process.start()
+            theirs.close()
+            self.connections.append(ours)
+            self.processes.append(process)
+
+    def run(self, worker, args, out_dir: str, timeout: float) -> None:
+        task = pickle.dumps((worker, args, out_dir))
+        for connection in self.connections:
+            connection.send((list(sys.path), task))
+        waiting, deadline = set(self.connections), time.monotonic() + timeout
+        while waiting:
+            ready = mp_connection.wait([*waiting, *(p.sentinel for p in self.processes)],
+                                       timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                self.close()
+                raise TimeoutError(f"{worker.__name__} on {self.world_size} pooled ranks: no result in {timeout} s")
+            for connection in waiting & set(ready):
+                if (failure := connection.recv()) is not None:
+                    self.close()
+                    raise AssertionError(f"{worker.__name__} failed on a pooled rank:\n{failure}")
+                waiting.discard(connection)
+            if waiting and any(not p.is_alive() for p in self.processes):
+                self.close()
+                raise AssertionError(f"a pooled rank running {worker.__name__} died")
+
+    def close(self) -> None:
+        for connection in self.connections:
+            try:
+                connection.send(None)
+            except OSError:
+                pass  # that rank is gone already
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        _POOLS.pop(self.world_size, None)
+
+
+_POOLS: dict[int, RankPool] = {}
+
+
+def close_rank_pools() -> int:
+    """End every pool (the session's end: no process is left behind); returns how many."""
+    pools = list(_POOLS.values())
+    for pool in pools:
+        pool.close()
+    return len(pools)
+
+
+def run_distributed(worker, world_size: int, *args, fresh: bool = False, timeout: float = 600) -> list:
+    """Run ``worker(rank, world_size, port, *args)`` on ``world_size`` processes under gloo
+    and return each rank's return value: the session's :class:`RankPool` of that size, or
+    with ``fresh`` newly spawned processes that end with the call (for a worker that
+    changes process-wide state, e.g. patches a module)."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_entry, args=(world_size, port, out_dir, worker, args), nprocs=world_size, join=True)
+        if fresh:
+            mp.spawn(_entry, args=(world_size, free_port(), out_dir, worker, args), nprocs=world_size, join=True)
+        else:
+            pool = _POOLS.get(world_size) or _POOLS.setdefault(world_size, RankPool(world_size))
+            pool.run(worker, args, out_dir, timeout)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
 

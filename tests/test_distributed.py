@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.support import free_port, run_distributed
-from tests.workers import built_layers, forward_backward
+from tests.workers import built_layers, fails_on_rank_1, forward_backward
 
 TOL = dict(atol=1e-5, rtol=0)
 IDS = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -76,3 +76,11 @@ def test_virtual_pipeline_chunks_build_the_right_layers():
         is_global = number % 4 == 0
         assert window == (None if is_global else 8)
         assert rope == (not is_global)
+
+
+def test_a_failing_rank_ends_its_pool_with_its_traceback_and_the_next_call_gets_a_new_one():
+    """The rank pool (tests/support.py) neither hangs nor hides a rank's failure."""
+    with pytest.raises(AssertionError, match="rank 1 fails on purpose"):
+        run_distributed(fails_on_rank_1, 2, timeout=120)
+    results = run_distributed(built_layers, 2, {"pipeline": 2}, {"num_layers": 4})
+    assert sorted(r["pp_rank"] for r in results) == [0, 1]

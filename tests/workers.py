@@ -252,3 +252,11 @@ def global_paths(rank, world_size, port, seq, heads, groups, dim):
         out = path(*inputs)
         results.append([out.detach(), *torch.autograd.grad(out, inputs, local[3])])
     return results
+
+
+def fails_on_rank_1(rank, world_size, port):
+    """Rank 1 raises after the group is up (tests the rank pool's failure path)."""
+    init_megatron(rank, world_size, port, ParallelLayout())
+    if rank == 1:
+        raise ValueError("rank 1 fails on purpose")
+    return rank
