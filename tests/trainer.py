@@ -74,3 +74,24 @@ def assert_one_line_error(proc, prog: str, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in last, f"{fragment!r} not in {last!r}"
     return last
+
+
+def refused(script: str, main, *args, installed: bool = False) -> str:
+    """The one line with which ``script`` refuses ``args``. ``installed``: its installed
+    console script in a subprocess (exit status, no traceback: :func:`assert_one_line_error`);
+    otherwise its ``main()`` in this process, which must exit with that line
+    (``SystemExit(line)``, which the interpreter prints before exiting 1). Parametrised
+    refusals run in-process, one case per command through the installed script: each
+    process start imports torch and Megatron."""
+    args = [str(arg) for arg in args]
+    if installed:
+        proc = subprocess.run([console_script(script), *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        return assert_one_line_error(proc, script)
+    try:
+        main(args)
+    except SystemExit as exited:
+        line = exited.code
+    else:
+        raise AssertionError(f"{script} {' '.join(args)} did not refuse")
+    assert isinstance(line, str) and "\n" not in line and line.startswith(f"{script}: "), repr(line)
+    return line
