@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rnope_megatron.common.distributed import free_port, initialize_parallel  # noqa: F401  (re-exported for tests)
+from rnope_megatron.common.distributed import free_port, initialize_parallel, shutdown_parallel  # noqa: F401  (re-exported)
 from rnope_megatron.model.config import ParallelLayout, RNoPEConfig
 
 
@@ -44,19 +44,22 @@ def _entry(rank, world_size, port, out_dir, worker, args):
         dist.destroy_process_group()
 
 
-def _serve(rank, world_size, port, conn):
+def _serve(rank, world_size, conn):
     """A pooled rank: run each task the test process sends (its ``sys.path`` first, so a
-    worker from a folder a test added, e.g. benchmarks/, unpickles), keeping the process
-    group between tasks; exit on ``None``, on a failed task and when the test process
-    is gone (its end of the pipe closes)."""
+    worker from a folder a test added, e.g. benchmarks/, unpickles) on a process group
+    made for that task and torn down after it (Megatron makes some twenty groups per
+    layout, each with gloo threads that poll: kept, they add up to hundreds of busy
+    threads). Exit on ``None``, on a failed task and when the test process is gone (its
+    end of the pipe closes)."""
     torch.set_num_threads(1)
     try:
         while (message := conn.recv()) is not None:
             sys.path[:], task = message
-            worker, args, out_dir = pickle.loads(task)
+            worker, args, port, out_dir = pickle.loads(task)
             try:
                 torch.save(worker(rank, world_size, port, *args), os.path.join(out_dir, f"rank{rank}.pt"))
                 dist.barrier()
+                shutdown_parallel()
             except BaseException:
                 conn.send(traceback.format_exc())
                 return
@@ -64,32 +67,31 @@ def _serve(rank, world_size, port, conn):
     except EOFError:
         return
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_parallel()
 
 
 class RankPool:
     """``world_size`` spawned processes joined in one gloo group, kept by this test process
     for its session: every multi-process test of that size runs its worker on them instead
     of spawning fresh ranks (each spawn imports torch and Megatron: seconds of CPU). Every
-    worker starts with ``init_megatron``, which keeps the default group and builds
-    Megatron's groups and RNG states afresh, so a task sees what a fresh rank would. A failed
-    or stuck task ends the pool (the next call starts another)."""
+    worker starts with ``init_megatron``: a task gets new process groups (on a new port),
+    Megatron's parallel state and RNG states, as fresh ranks would. A failed or stuck task
+    ends the pool (the next call starts another)."""
 
     def __init__(self, world_size: int):
         context = mp.get_context("spawn")
-        self.world_size, self.port = world_size, free_port()
+        self.world_size = world_size
         self.connections, self.processes = [], []
         for rank in range(world_size):
             ours, theirs = context.Pipe()
-            process = context.Process(target=_serve, args=(rank, world_size, self.port, theirs), daemon=True)
+            process = context.Process(target=_serve, args=(rank, world_size, theirs), daemon=True)
             process.start()
             theirs.close()
             self.connections.append(ours)
             self.processes.append(process)
 
     def run(self, worker, args, out_dir: str, timeout: float) -> None:
-        task = pickle.dumps((worker, args, out_dir))
+        task = pickle.dumps((worker, args, free_port(), out_dir))
         for connection in self.connections:
             connection.send((list(sys.path), task))
         waiting, deadline = set(self.connections), time.monotonic() + timeout
