@@ -44,10 +44,9 @@ TIERS = tuple(TIER_OF_FILE)
 # first keeps one worker from ending alone on a long file. Order from `pytest --durations`
 # on 2 cores; a file not listed starts after these.
 LONGEST_FILES_FIRST = (
-    "test_reproduction", "test_crash_safety", "test_cli", "test_train", "test_context_parallel", "test_convert",
-    "test_reliability_runs", "test_reliability_outputs", "test_quantize", "test_train_documents",
-    "test_convert_output", "test_eval", "test_convert_llama", "test_benchmarks", "test_plan", "test_recipe_catalog",
-    "test_distributed",
+    "test_reproduction", "test_train", "test_crash_safety", "test_reliability_runs", "test_reliability_outputs",
+    "test_quantize", "test_train_documents", "test_convert", "test_eval", "test_benchmarks", "test_recipe_catalog",
+    "test_convert_output", "test_plan", "test_cli", "test_convert_llama", "test_context_parallel",
 )
 
 # The finished run `saved_run` holds: tests that compare against it train with these too.
