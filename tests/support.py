@@ -71,9 +71,8 @@ def _serve(rank, world_size, conn):
 
 
 class RankPool:
-    """``world_size`` spawned processes joined in one gloo group, kept by this test process
-    for its session: every multi-process test of that size runs its worker on them instead
-    of spawning fresh ranks (each spawn imports torch and Megatron: seconds of CPU). Every
+    """``world_size`` spawned processes kept by this test process for its session: every
+    multi-process test of that size runs its worker on them instead of spawning fresh ranks (each spawn imports torch and Megatron: seconds of CPU). Every
     worker starts with ``init_megatron``: a task gets new process groups (on a new port),
     Megatron's parallel state and RNG states, as fresh ranks would. A failed or stuck task
     ends the pool (the next call starts another)."""
@@ -144,7 +143,9 @@ def run_distributed(worker, world_size: int, *args, fresh: bool = False, timeout
         if fresh:
             mp.spawn(_entry, args=(world_size, free_port(), out_dir, worker, args), nprocs=world_size, join=True)
         else:
-            pool = _POOLS.get(world_size) or _POOLS.setdefault(world_size, RankPool(world_size))
+            pool = _POOLS.get(world_size)
+            if pool is None:
+                pool = _POOLS[world_size] = RankPool(world_size)
             pool.run(worker, args, out_dir, timeout)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 

@@ -62,7 +62,12 @@ class _DropMessages(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
+# torch logs "No CUDA runtime is found" on it when Megatron imports cpp_extension on a CPU.
+CPP_EXTENSION_LOGGER = "torch.utils.cpp_extension"
+
+
 def _quiet() -> list:
+    """Add the warning filters and the log filters; returns the (logger, filter) pairs."""
     for message, module in KNOWN_HARMLESS:
         warnings.filterwarnings("ignore", message=message, category=UserWarning, module=module)
     for message, category in KNOWN_HARMLESS_ANYWHERE:
@@ -80,9 +85,6 @@ def quiet_known_warnings() -> None:
     ``torch.utils.cpp_extension`` on a CPU machine)."""
     _quiet()
     logging.getLogger(CPP_EXTENSION_LOGGER).setLevel(logging.ERROR)
-
-
-CPP_EXTENSION_LOGGER = "torch.utils.cpp_extension"
 
 
 @contextlib.contextmanager
