@@ -135,11 +135,11 @@ def test_compile_on_first_call_returns_what_torch_compile_computes():
 
 def test_compile_is_deferred_only_without_cuda_devices(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with megatron_import.compile_deferred_on_cpu():
-        assert torch.compile is megatron_import._real_compile
+    with megatron_import.compile_deferred_on_cpu() as deferring:
+        assert not deferring and torch.compile is megatron_import._real_compile
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    with megatron_import.compile_deferred_on_cpu():
-        assert torch.compile is megatron_import.compile_on_first_call
+    with megatron_import.compile_deferred_on_cpu() as deferring:
+        assert deferring and torch.compile is megatron_import.compile_on_first_call
     assert torch.compile is megatron_import._real_compile
     with pytest.raises(KeyError), megatron_import.compile_deferred_on_cpu():
         raise KeyError("an import that fails")

@@ -59,13 +59,13 @@ def compile_on_first_call(model=None, /, *, real_compile=None, **settings):
 @contextlib.contextmanager
 def compile_deferred_on_cpu():
     """Inside the block ``torch.compile`` is :func:`compile_on_first_call`, on a machine
-    without CUDA devices; with one, the block runs unchanged."""
+    without CUDA devices; with one, the block runs unchanged. Yields whether it defers."""
     if torch.cuda.device_count() > 0:
-        yield
+        yield False
         return
     torch.compile = compile_on_first_call
     try:
-        yield
+        yield True
     finally:
         torch.compile = _real_compile
 
@@ -74,8 +74,9 @@ def import_megatron_on_cpu() -> None:
     """On a machine without CUDA devices, import ``megatron.core`` now, with its fusions
     compiled on first call (see the module docstring). A no-op with CUDA devices (Megatron
     is then imported by whichever module needs it first) or once Megatron is imported."""
-    if "megatron.core" in sys.modules or torch.cuda.device_count() > 0:
+    if "megatron.core" in sys.modules:
         return
-    with compile_deferred_on_cpu():
-        import megatron.core  # noqa: F401
-        import megatron.core.jit  # noqa: F401  (megatron.core imports it today; made sure of)
+    with compile_deferred_on_cpu() as deferring:
+        if deferring:
+            import megatron.core  # noqa: F401
+            import megatron.core.jit  # noqa: F401  (megatron.core imports it today; made sure of)
